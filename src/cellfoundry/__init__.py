@@ -1,0 +1,34 @@
+"""cellfoundry: pretrained foundation models on tokenized single-cell transcriptomics.
+
+Importing the package is cheap: submodules (and torch) load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "GeneVocab": "cellfoundry.tokenization",
+    "RankValueTokenizer": "cellfoundry.tokenization",
+    "load_tokenizer": "cellfoundry.tokenization",
+    "tokenize_files": "cellfoundry.tokenization",
+    "load_tokenized": "cellfoundry.tokenization",
+    "resolve_genes": "cellfoundry.genes",
+}
+
+
+def demo_path() -> Path:
+    """Path of the shipped demo dataset (CellTypist sample: 559 human cells, raw counts, MIT)."""
+    return Path(__file__).resolve().parent / "_data" / "demo" / "celltypist_sample.h5ad"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cellfoundry' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "demo_path", *_LAZY]

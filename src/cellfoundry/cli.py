@@ -1,0 +1,224 @@
+"""`cellfoundry <command>`: tokenize, build-tokenizer, build-gene-maps, info.
+
+Heavy modules are imported inside each command so ``cellfoundry --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+DEMO = "demo"
+
+
+def _add_tokenize(sub) -> None:
+    p = sub.add_parser(
+        "tokenize",
+        help="tokenize .h5ad files of raw counts into an Arrow dataset",
+        description="Tokenize .h5ad files (raw counts) into a datasets folder: one shard per "
+        f"input. Use '{DEMO}' as input for the shipped demo data (CellTypist sample).",
+    )
+    p.add_argument("inputs", nargs="+", help="input .h5ad paths or globs, then OUT_DIR")
+    p.add_argument("--tokenizer", default="cf-human-v1", help="shipped id, folder or Hub id")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per cell incl. <cls>")
+    for field in ("species", "assay", "modality"):
+        p.add_argument(f"--{field}", default=None, help=f"{field} context value for all cells")
+        p.add_argument(f"--{field}-key", default=None, help=f"obs column with the {field}")
+    p.add_argument("--keep-obs", default="", help="comma-separated obs columns to keep")
+    p.add_argument("--layer", default=None, help="layer with raw counts ('raw' for .raw.X)")
+    p.add_argument("--gene-column", default=None, help="var column with gene ids")
+    p.add_argument("--gene-species", default="auto", choices=["auto", "human", "mouse"])
+    p.add_argument("--allow-normalized", action="store_true", help="accept non-integer values")
+    p.add_argument("--num-proc", type=int, default=1, help="input files tokenized in parallel")
+    p.add_argument("--num-nodes", type=int, default=1, help="split the file list across nodes")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank")
+    p.add_argument("--chunk-size", type=int, default=None, help="cells per chunk (auto)")
+    p.add_argument("--backend", default="auto", choices=["auto", "numba", "numpy"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_tokenize)
+
+
+def _add_build_tokenizer(sub) -> None:
+    p = sub.add_parser("build-tokenizer", help="compute gene medians, write tokenizers/<id>/")
+    p.add_argument("inputs", nargs="+", help="count .h5ad files or globs")
+    p.add_argument("--id", required=True, help="tokenizer id, e.g. cf-human-v1")
+    p.add_argument("--out", required=True, help="output folder (tokenizers/<id>)")
+    p.add_argument("--min-cells", type=int, default=10)
+    p.add_argument("--max-genes", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--description", default="")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_build_tokenizer)
+
+
+def _add_misc(sub) -> None:
+    p = sub.add_parser("build-gene-maps", help="rebuild the shipped gene maps from CSV sources")
+    p.add_argument("source", help="folder with human_gencode_v44_ensembl_symbol.csv etc.")
+    p.add_argument("--out", default=None, help="output folder (default: the package's)")
+    p.set_defaults(func=cmd_build_gene_maps)
+    p = sub.add_parser("info", help="versions, shipped tokenizers and models")
+    p.set_defaults(func=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellfoundry", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_tokenize(sub)
+    _add_build_tokenizer(sub)
+    _add_misc(sub)
+    return parser
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from cellfoundry import demo_path
+    from cellfoundry.tokenization import ContextSpec, TokenizeOptions, load_tokenizer
+    from cellfoundry.tokenization.pipeline import tokenize_files
+
+    if len(args.inputs) < 2:
+        raise ValueError("Give at least one input and the output folder: tokenize IN... OUT_DIR")
+    *inputs, out_dir = args.inputs
+    inputs = [str(demo_path()) if item == DEMO else item for item in inputs]
+    context = ContextSpec(
+        args.species,
+        args.assay,
+        args.modality,
+        args.species_key,
+        args.assay_key,
+        args.modality_key,
+    )
+    keep = tuple(c for c in args.keep_obs.split(",") if c)
+    options = TokenizeOptions(
+        args.max_length,
+        context,
+        keep,
+        args.layer,
+        args.allow_normalized,
+        args.gene_column,
+        args.gene_species,
+        args.chunk_size,
+        args.backend,
+    )
+    tokenizer = load_tokenizer(args.tokenizer)
+    start = time.perf_counter()
+    reports = tokenize_files(
+        inputs,
+        out_dir,
+        tokenizer,
+        options,
+        args.num_proc,
+        args.num_nodes,
+        args.node_rank,
+        args.overwrite,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - start
+    _print_tokenize_summary(reports, out_dir, tokenizer.name, seconds)
+    return 0
+
+
+def _print_tokenize_summary(reports, out_dir, tokenizer_name: str, seconds: float) -> None:
+    cells_in = sum(r.n_cells_in for r in reports)
+    cells_out = sum(r.n_cells_out for r in reports)
+    tokens = sum(r.n_tokens for r in reports)
+    print(f"tokenized with {tokenizer_name} -> {out_dir}")
+    for r in reports:
+        genes = r.genes
+        print(
+            f"  {Path(r.input).name}: {r.n_cells_out}/{r.n_cells_in} cells kept "
+            f"({r.n_empty_dropped} empty, {r.n_no_vocab_gene_dropped} without vocab genes), "
+            f"genes mapped {genes.get('n_mapped', '?')}/{genes.get('n_input', '?')} "
+            f"(unmapped {genes.get('n_unmapped', '?')}, collapsed {genes.get('n_collapsed', '?')},"
+            f" in vocab {r.n_genes_in_vocab}), {r.tokens_per_cell:.0f} tokens/cell"
+        )
+    print(
+        f"total: {cells_out} cells, {tokens / max(cells_out, 1):.0f} tokens/cell, "
+        f"{seconds:.2f} s, {cells_in / max(seconds, 1e-9):,.0f} cells/s"
+    )
+
+
+def cmd_build_tokenizer(args: argparse.Namespace) -> int:
+    from cellfoundry.tokenization.build import build_tokenizer
+    from cellfoundry.tokenization.pipeline import expand_inputs
+
+    command = "cellfoundry build-tokenizer " + " ".join(sys.argv[2:])
+    tokenizer = build_tokenizer(
+        expand_inputs(args.inputs),
+        args.out,
+        args.id,
+        args.min_cells,
+        args.max_genes,
+        args.max_length,
+        description=args.description,
+        overwrite=args.overwrite,
+        command=command,
+    )
+    print(f"wrote {args.out}: {len(tokenizer.vocab)} tokens, sha256 {tokenizer.vocab.sha256}")
+    return 0
+
+
+def cmd_build_gene_maps(args: argparse.Namespace) -> int:
+    from cellfoundry.genes import build_gene_maps
+
+    provenance = build_gene_maps(args.source, args.out)
+    print(f"wrote gene maps: {list(provenance.get('outputs', provenance))}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import platform
+    from importlib import metadata
+
+    import cellfoundry
+    from cellfoundry.tokenization.registry import shipped_tokenizers
+
+    print(f"cellfoundry {cellfoundry.__version__} (Python {platform.python_version()})")
+    for package in (
+        "numpy",
+        "scipy",
+        "anndata",
+        "datasets",
+        "numba",
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+    ):
+        try:
+            print(f"  {package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            print(f"  {package} not installed")
+    print("shipped tokenizers:")
+    for name, path in shipped_tokenizers().items():
+        print(f"  {name}: {path}")
+    models = _shipped_models()
+    print("shipped models: " + (", ".join(models) if models else "none yet"))
+    print(f"demo data: {cellfoundry.demo_path()}")
+    return 0
+
+
+def _shipped_models() -> list[str]:
+    folder = Path(__file__).resolve().parent / "_data" / "models"
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
