@@ -193,6 +193,8 @@ def tokenize_to_arrow(
             _check_keep_obs(reader.obs, options.keep_obs)
             bar = tqdm(total=reader.n_obs, unit="cells", disable=not progress, desc=Path(name).name)
             for block in iter_tokenized(source, tokenizer, options, report, reader):
+                if block.rows.size == 0:
+                    continue
                 batch = _record_batch(block, reader.obs, options.keep_obs)
                 if writer is None:
                     writer = pa.ipc.new_stream(str(tmp), batch.schema)
@@ -201,7 +203,11 @@ def tokenize_to_arrow(
             bar.update(reader.n_obs - bar.n)
             bar.close()
             if writer is None:
-                raise ValueError(f"{name}: every cell was empty; nothing to tokenize.")
+                raise ValueError(
+                    f"{name}: every cell was empty or had no vocabulary gene "
+                    f"({report.n_empty_dropped} empty, {report.n_no_vocab_gene_dropped} without "
+                    "vocabulary genes); nothing to tokenize. Check the matrix and the gene ids."
+                )
         writer.close()
         writer = None
         tmp.replace(shard_path)

@@ -1,7 +1,7 @@
 """Plain per-cell implementation of the rank-value scheme: the oracle for tests and benchmarks.
 
-Deliberately simple (a Python loop per cell, a dict to sum genes mapped to one token, float64
-stable argsort) so that anyone can check it against the documented arithmetic by eye. The fast
+Deliberately simple (one cell at a time: sum genes mapped to one token, normalise in float32,
+divide by the median in float64, stable argsort of the negated values) so that anyone can check it against the documented arithmetic by eye. The fast
 paths in ``_rank_kernels`` must equal it for every cell.
 """
 
@@ -24,21 +24,13 @@ def tokenize_cell_reference(
 
     ``columns`` and ``counts`` are the cell's stored (column, value) pairs.
     """
-    summed: dict[int, np.float32] = {}
-    for column, count in zip(columns.tolist(), counts.tolist(), strict=True):
-        token = int(column_tokens[column])
-        if token < 0:
-            continue
-        summed[token] = np.float32(summed.get(token, np.float32(0)) + np.float32(count))
-    tokens = np.array(sorted(summed), dtype=np.int64)
-    total = np.float32(n_counts)
-    values = np.array(
-        [
-            np.float64(np.float32(np.float32(summed[t]) / total) * np.float32(10_000)) / medians[t]
-            for t in tokens
-        ],
-        dtype=np.float64,
-    )
+    tokens_of_entries = column_tokens[columns]
+    mapped = tokens_of_entries >= 0
+    tokens, inverse = np.unique(tokens_of_entries[mapped], return_inverse=True)
+    summed = np.zeros(tokens.size, dtype=np.float32)  # genes sharing a token: counts summed
+    np.add.at(summed, inverse, counts[mapped].astype(np.float32))
+    normalised = summed / np.float32(n_counts) * np.float32(10_000)  # float32 arithmetic
+    values = normalised.astype(np.float64) / medians[tokens]  # float64 division
     order = np.argsort(-values, kind="stable")
     ranked = tokens[order][: max_length - 1]
     return np.concatenate(([cls_id], ranked)).astype(np.int32)
