@@ -1,4 +1,4 @@
-"""Artifacts ship in the wheel and in editable installs; tokenizers/ stays data only; imports stay light."""
+"""Artifacts ship in wheel and editable installs; tokenizers/ is data only; imports stay light."""
 
 from __future__ import annotations
 

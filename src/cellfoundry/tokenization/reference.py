@@ -1,7 +1,8 @@
 """Plain per-cell implementation of the rank-value scheme: the oracle for tests and benchmarks.
 
 Deliberately simple (one cell at a time: sum genes mapped to one token, normalise in float32,
-divide by the median in float64, stable argsort of the negated values) so that anyone can check it against the documented arithmetic by eye. The fast
+divide by the median in float64, stable argsort of the negated values) so that anyone can
+check it against the documented arithmetic by eye. The fast
 paths in ``_rank_kernels`` must equal it for every cell.
 """
 
