@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import datasets
+from conftest import shared_file
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -58,3 +60,16 @@ def test_build_tokenizer_and_info(tmp_path):
     assert (tmp_path / "my-tok" / "README.md").read_text().startswith("# Tokenizer `my-tok`")
     info = _run("info")
     assert info.returncode == 0 and "cf-human-v1" in info.stdout and "torch" in info.stdout
+
+
+def test_build_gene_maps_reproduces_shipped_files(tmp_path):
+    import cellfoundry.genes
+
+    source = shared_file("genes")
+    result = _run("build-gene-maps", str(source), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    shipped = Path(cellfoundry.genes.__file__).parent / "_data" / "genes"
+    produced = sorted(p.name for p in tmp_path.glob("*.gz"))
+    assert produced == sorted(p.name for p in shipped.glob("*.gz"))
+    for name in produced:
+        assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes()
