@@ -17,7 +17,18 @@ _LAZY = {
     "tokenize_files": "cellfoundry.tokenization",
     "load_tokenized": "cellfoundry.tokenization",
     "resolve_genes": "cellfoundry.genes",
+    "CellBertConfig": "cellfoundry.models",
+    "CellBertModel": "cellfoundry.models",
+    "CellBertForMaskedGeneModeling": "cellfoundry.models",
+    "CellMambaConfig": "cellfoundry.models",
+    "CellMambaModel": "cellfoundry.models",
+    "CellMambaForMaskedGeneModeling": "cellfoundry.models",
+    "load_model": "cellfoundry.models",
+    "check_tokenizer_compatible": "cellfoundry.models",
+    "add_lora": "cellfoundry.adapters",
 }
+# Submodules that import torch: loaded on first attribute access (``cellfoundry.models``).
+_LAZY_SUBMODULES = {"models", "adapters"}
 
 
 def demo_path() -> Path:
@@ -26,6 +37,8 @@ def demo_path() -> Path:
 
 
 def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"cellfoundry.{name}")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'cellfoundry' has no attribute {name!r}")

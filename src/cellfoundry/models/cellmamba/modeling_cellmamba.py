@@ -1,0 +1,336 @@
+"""CellMamba: a bidirectional Mamba-2 (SSD) encoder over ranked gene tokens.
+
+A cell is a set of genes ordered by relative expression, so every token should see every
+other: each mixer scans the cell forwards and backwards. The backward scan runs on the cell
+reversed *within its valid length* (right padding stays at the end), so with right-padded
+batches no real token ever reads a padding token in either direction, and outputs at real
+tokens do not depend on how much padding follows.
+
+Both directions share ``in_proj`` and ``out_proj`` (half the parameters of two mixers, as in
+Caduceus' weight-tied BiMamba); they keep their own convolution, step sizes, decays and skip
+weights. The two directions run as one SSD call with 2H heads: direction-specific heads and
+B/C groups are stacked, so the scan kernel sees an ordinary Mamba-2 input.
+
+Tensor shape glossary: B batch, L tokens, D hidden, I = expand * D inner, H heads per
+direction, P head dim, G groups, N state size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
+
+from .._shared import CellEmbeddings, MaskedGeneHead, MaskedGeneModelingMixin
+from .configuration_cellmamba import CellMambaConfig
+from .ssd import ssd_scan
+
+
+def valid_length_flip_index(
+    attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor:
+    """Gather index that reverses each sequence within its valid length.
+
+    Position ``i < n`` maps to ``n - 1 - i`` and padding positions ``i >= n`` to themselves,
+    so padding stays at the end after the flip. The index is its own inverse.
+
+    Parameters
+    ----------
+    attention_mask : torch.Tensor or None
+        (B, L), right-padded (1s then 0s); ``None`` means no padding.
+    batch, length : int
+        B and L.
+    device : torch.device
+        Where to build the index.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, L) long.
+    """
+    positions = torch.arange(length, device=device).expand(batch, length)
+    if attention_mask is None:
+        return positions.flip(-1).contiguous()
+    lengths = attention_mask.sum(dim=1, keepdim=True).to(torch.long)
+    return torch.where(positions < lengths, lengths - 1 - positions, positions)
+
+
+def check_right_padded(attention_mask: torch.Tensor) -> None:
+    """Raise unless every row of ``attention_mask`` (B, L) is 1s followed by 0s."""
+    length = attention_mask.shape[1]
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    expected = torch.arange(length, device=attention_mask.device) < lengths
+    if not torch.equal(attention_mask.to(torch.bool), expected):
+        raise ValueError(
+            "CellMamba needs right-padded batches (real tokens first, padding last) because "
+            "its backward scan reverses each cell within its valid length; pad on the right "
+            "(the cellfoundry collators do) instead of the left or in the middle."
+        )
+
+
+def flip_tokens(tensor: torch.Tensor, flip_index: torch.Tensor) -> torch.Tensor:
+    """Reorder the tokens of a (B, L, ...) tensor by a (B, L) per-row index.
+
+    Done as one ``index_select`` of whole token rows (a memcpy each), several times faster
+    on CPU than ``gather`` with an index expanded over every channel.
+    """
+    batch, length = flip_index.shape
+    offsets = torch.arange(batch, device=flip_index.device).unsqueeze(1) * length
+    rows = tensor.reshape(batch * length, *tensor.shape[2:])
+    return rows.index_select(0, (flip_index + offsets).reshape(-1)).view(tensor.shape)
+
+
+class CellMambaGatedRMSNorm(nn.Module):
+    """RMSNorm of ``y * silu(z)``: Mamba-2's output gate, normalised for stable depth."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Gate then normalise (B, L, I) -> (B, L, I), in float32 for half inputs."""
+        dtype = hidden_states.dtype
+        gated = hidden_states.float() * nn.functional.silu(gate.float())
+        scale = torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (gated * scale).to(dtype) * self.weight
+
+
+class CellMambaMixer(nn.Module):
+    """Bidirectional Mamba-2 mixer (SSD with a scalar decay per head).
+
+    ``in_proj`` gives the gate z (I), the conv input xBC (I + 2GN) and one step size per
+    head and direction (2H). Forward and valid-length-flipped copies of xBC go through one
+    depthwise causal convolution (2 x (I + 2GN) channels, each direction its own filters),
+    then one SSD scan with 2H heads.
+    The backward half is flipped back, both halves are summed, gated, normalised and
+    projected by ``out_proj``.
+    """
+
+    def __init__(self, config: CellMambaConfig) -> None:
+        super().__init__()
+        self.inner = config.intermediate_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.groups = config.n_groups
+        self.state_size = config.state_size
+        self.chunk_size = config.chunk_size
+        self.ssd_implementation = config.ssd_implementation
+        self.conv_width = self.inner + 2 * self.groups * self.state_size
+        projected = self.inner + self.conv_width + 2 * self.num_heads
+        self.in_proj = nn.Linear(config.hidden_size, projected, bias=False)
+        channels = 2 * self.conv_width
+        self.conv1d = nn.Conv1d(
+            channels, channels, config.conv_kernel, groups=channels, padding=config.conv_kernel - 1
+        )
+        # One value per head and direction: [forward heads, backward heads].
+        self.A_log = nn.Parameter(torch.zeros(2 * self.num_heads))
+        self.dt_bias = nn.Parameter(torch.zeros(2 * self.num_heads))
+        self.D = nn.Parameter(torch.ones(2 * self.num_heads))
+        self.norm = CellMambaGatedRMSNorm(self.inner, eps=config.layer_norm_eps)
+        self.out_proj = nn.Linear(self.inner, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, flip_index: torch.Tensor) -> torch.Tensor:
+        """Mix (B, L, D) -> (B, L, D) in both directions.
+
+        Parameters
+        ----------
+        hidden_states : torch.Tensor
+            (B, L, D) normalised block input.
+        flip_index : torch.Tensor
+            (B, L) from :func:`valid_length_flip_index`, computed once per forward.
+        """
+        batch, length, _ = hidden_states.shape
+        gate, xbc, dt = self.in_proj(hidden_states).split(
+            [self.inner, self.conv_width, 2 * self.num_heads], dim=-1
+        )
+        conv_out = self.conv1d(self._conv_input(xbc, flip_index).transpose(1, 2))
+        # Back to token-major memory once, so every later elementwise op reads contiguously.
+        conv_out = nn.functional.silu(conv_out[..., :length].transpose(1, 2).contiguous())
+        width = self.groups * self.state_size
+        x, B, C = conv_out.split([2 * self.inner, 2 * width, 2 * width], dim=-1)
+        x = x.reshape(batch, length, 2 * self.num_heads, self.head_dim)
+        B = B.reshape(batch, length, 2 * self.groups, self.state_size)
+        C = C.reshape(batch, length, 2 * self.groups, self.state_size)
+        dt = nn.functional.softplus(dt + self.dt_bias)
+        A = -torch.exp(self.A_log.float())
+        y = ssd_scan(x, dt, A, B, C, self.chunk_size, self.ssd_implementation)
+        y = y + x * self.D.unsqueeze(-1).to(x.dtype)
+        forward_y, backward_y = y.split(self.num_heads, dim=2)
+        y = forward_y + flip_tokens(backward_y, flip_index)
+        y = self.norm(y.reshape(batch, length, self.inner), gate)
+        return self.out_proj(y)
+
+    def _conv_input(self, xbc: torch.Tensor, flip_index: torch.Tensor) -> torch.Tensor:
+        """(B, L, I+2GN) -> (B, L, 2(I+2GN)) as [x_f, x_b, B_f, B_b, C_f, C_b].
+
+        Interleaving the directions per part (one copy) makes x, B and C of both directions
+        contiguous channel ranges after the convolution, so they split by views; forward
+        heads and groups come first.
+        """
+        flipped = flip_tokens(xbc, flip_index)
+        bounds = [0, self.inner, self.inner + self.groups * self.state_size, self.conv_width]
+        parts = []
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            parts += [xbc[..., start:end], flipped[..., start:end]]
+        return torch.cat(parts, dim=-1)
+
+
+class CellMambaLayer(GradientCheckpointingLayer):
+    """Pre-LN residual block ``x + dropout(mixer(LN(x)))``.
+
+    Subclassing ``GradientCheckpointingLayer`` lets
+    ``model.activation_checkpointing_enable()`` recompute this block in backward.
+    """
+
+    def __init__(self, config: CellMambaConfig) -> None:
+        super().__init__()
+        self.mixer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mixer = CellMambaMixer(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, flip_index: torch.Tensor) -> torch.Tensor:
+        """Transform (B, L, D) -> (B, L, D)."""
+        return hidden_states + self.dropout(self.mixer(self.mixer_norm(hidden_states), flip_index))
+
+
+class CellMambaPreTrainedModel(PreTrainedModel):
+    """Shared loading and Mamba-2 initialisation (decays, step sizes)."""
+
+    config_class = CellMambaConfig
+    config: CellMambaConfig
+    base_model_prefix = "cellmamba"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CellMambaLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Mamba-2 initialisation: ``-A`` uniform in [a_init_min, a_init_max], ``dt``
+        log-uniform in [time_step_min, time_step_max] (stored through inverse softplus),
+        ``D`` = 1; everything else uses the transformers defaults."""
+        super()._init_weights(module)
+        if not isinstance(module, CellMambaMixer):
+            return
+        config = self.config
+        heads = module.A_log.shape[0]
+        decay = torch.empty(heads).uniform_(config.a_init_min, config.a_init_max)
+        init.copy_(module.A_log, torch.log(decay))
+        log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
+        dt = torch.exp(torch.rand(heads) * (log_max - log_min) + log_min)
+        dt = dt.clamp(min=config.time_step_floor)
+        init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+        init.ones_(module.D)
+        init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+
+
+class CellMambaModel(CellMambaPreTrainedModel):
+    """CellMamba encoder returning one vector per token.
+
+    Parameters
+    ----------
+    config : CellMambaConfig
+        Architecture.
+
+    Examples
+    --------
+    >>> config = CellMambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+    ...                          head_dim=16, state_size=8, chunk_size=8)
+    >>> model = CellMambaModel(config)
+    >>> out = model(input_ids=torch.tensor([[2, 10, 11, 0]]),
+    ...             attention_mask=torch.tensor([[1, 1, 1, 0]]))
+    >>> out.last_hidden_state.shape
+    torch.Size([1, 4, 32])
+    """
+
+    # Loading a masked-gene checkpoint as the bare encoder leaves its head unused, by design.
+    _keys_to_ignore_on_load_unexpected = [r"^head\."]
+
+    def __init__(self, config: CellMambaConfig) -> None:
+        super().__init__(config)
+        self.embeddings = CellEmbeddings(config)
+        self.layers = nn.ModuleList(
+            [CellMambaLayer(config) for _ in range(config.num_hidden_layers)]
+        )
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The word embedding table (shared by gene and context tokens)."""
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the word embedding table (used by ``resize_token_embeddings``)."""
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        context_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutput:
+        """Encode a right-padded batch of cells.
+
+        Parameters
+        ----------
+        input_ids : torch.Tensor
+            (B, L) long, ``<cls>`` then ranked gene tokens, right-padded.
+        attention_mask : torch.Tensor or None
+            (B, L), 1s then 0s; ``None`` means no padding.
+        context_ids : torch.Tensor or None
+            (B, C) long context tokens; pad id = absent.
+        output_hidden_states : bool or None
+            Also return the embedding output and every block's output.
+
+        Returns
+        -------
+        BaseModelOutput
+            ``last_hidden_state`` (B, L, D) after the final LayerNorm.
+
+        Raises
+        ------
+        ValueError
+            When ``attention_mask`` is not right-padded.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        batch, length = input_ids.shape
+        if attention_mask is not None:
+            check_right_padded(attention_mask)
+        flip_index = valid_length_flip_index(attention_mask, batch, length, input_ids.device)
+        hidden_states = self.embeddings(input_ids, context_ids)
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, flip_index)
+            if all_hidden is not None:
+                all_hidden = all_hidden + (hidden_states,)
+        return BaseModelOutput(
+            last_hidden_state=self.final_norm(hidden_states), hidden_states=all_hidden
+        )
+
+
+class CellMambaForMaskedGeneModeling(MaskedGeneModelingMixin, CellMambaPreTrainedModel):
+    """CellMamba with the masked-gene head, the pretraining objective and checkpoint.
+
+    The head's decoder is tied to the input embedding; logits are computed only where
+    ``labels != -100``.
+
+    Parameters
+    ----------
+    config : CellMambaConfig
+        Architecture.
+    """
+
+    _tied_weights_keys = {"head.decoder.weight": "cellmamba.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: CellMambaConfig) -> None:
+        super().__init__(config)
+        self.cellmamba = CellMambaModel(config)
+        self.head = MaskedGeneHead(config)
+        self.post_init()
