@@ -95,3 +95,51 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tiny_tokenizer, human_tokenizer
     path = _saved_model(tmp_path, "bert", tiny_tokenizer)
     with pytest.raises(ValueError, match="cf-human-v1"):
         embed(demo_cells, path, tokenizer=human_tokenizer, progress=False)
+
+
+def test_embed_cli_writes_h5ad_and_umap(tmp_path, tiny_tokenizer):
+    import subprocess
+
+    model = _saved_model(tmp_path, "bert", tiny_tokenizer)
+    out = tmp_path / "emb.h5ad"
+    plot = tmp_path / "umap.png"
+    result = subprocess.run(
+        [
+            "cellfoundry",
+            "embed",
+            "demo",
+            str(out),
+            "--model",
+            model,
+            "--max-length",
+            "64",
+            "--plot",
+            str(plot),
+            "--color",
+            "tissue",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert ad.read_h5ad(out).obsm["X_cellfoundry"].shape == (559, 32)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run(
+        [
+            "cellfoundry",
+            "embed",
+            "demo",
+            str(tmp_path / "x.h5ad"),
+            "--model",
+            model,
+            "--plot",
+            str(plot),
+            "--color",
+            "no_such_column",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "no_such_column" in bad.stderr
+    assert not (tmp_path / "x.h5ad").exists()

@@ -55,6 +55,24 @@ def _add_build_tokenizer(sub) -> None:
     p.set_defaults(func=cmd_build_tokenizer)
 
 
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="zero-shot cell embeddings into obsm['X_cellfoundry']")
+    p.add_argument("input", help=f".h5ad of raw counts ('{DEMO}' for the shipped demo data)")
+    p.add_argument("output", help="output .h5ad (written atomically)")
+    p.add_argument("--model", default="cellfoundry-tiny-bert", help="shipped name, folder, Hub id")
+    p.add_argument("--pooling", default="cls", choices=["cls", "mean", "max"])
+    p.add_argument("--layer", type=int, default=-1, help="hidden layer to pool (-1: last)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per cell incl. <cls>")
+    p.add_argument("--counts-layer", default=None, help="AnnData layer with raw counts")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--plot", default=None, help="write a UMAP PNG of the embedding here")
+    p.add_argument("--color", default=None, help="obs column for the plot's colours")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_embed)
+
+
 def _add_misc(sub) -> None:
     p = sub.add_parser("build-gene-maps", help="rebuild the shipped gene maps from CSV sources")
     p.add_argument("source", help="folder with human_gencode_v44_ensembl_symbol.csv etc.")
@@ -70,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tokenize(sub)
     _add_build_tokenizer(sub)
+    _add_embed(sub)
     _add_misc(sub)
     return parser
 
@@ -139,6 +158,58 @@ def _print_tokenize_summary(reports, out_dir, tokenizer_name: str, seconds: floa
         f"total: {cells_out} cells, {tokens / max(cells_out, 1):.0f} tokens/cell, "
         f"{seconds:.2f} s, {cells_in / max(seconds, 1e-9):,.0f} cells/s"
     )
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import os
+
+    import anndata as ad
+
+    from cellfoundry import demo_path
+    from cellfoundry.embedding import OBSM_KEY, embed
+
+    source = demo_path() if args.input == DEMO else Path(args.input)
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; choose another path or pass --overwrite.")
+    if not source.exists():
+        raise ValueError(f"Input file {source} does not exist; check the path.")
+    adata = ad.read_h5ad(source)
+    if args.plot:
+        from cellfoundry.plotting import pick_color_column
+
+        color = pick_color_column(adata.obs, args.color)  # fail before the slow part
+    start = time.perf_counter()
+    vectors = embed(
+        adata,
+        args.model,
+        args.pooling,
+        args.layer,
+        args.batch_size,
+        args.max_length,
+        counts_layer=args.counts_layer,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - start
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp.h5ad")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(
+        f"embedded {vectors.shape[0]} cells -> {output} obsm['{OBSM_KEY}'] {vectors.shape}, "
+        f"{seconds:.2f} s, {vectors.shape[0] / max(seconds, 1e-9):,.0f} cells/s"
+    )
+    if args.plot:
+        from cellfoundry.plotting import umap_plot
+
+        labels = adata.obs[color] if color else None
+        umap_plot(vectors, labels, args.plot, f"{args.model} ({args.pooling}) by {color}")
+        print(f"UMAP coloured by {color}: {args.plot}")
+    return 0
 
 
 def cmd_build_tokenizer(args: argparse.Namespace) -> int:

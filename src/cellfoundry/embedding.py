@@ -66,6 +66,7 @@ def embed(
     batch_size: int = 32,
     max_length: int | None = None,
     tokenizer: Any = None,
+    counts_layer: str | None = None,
     device: str | None = None,
     key_added: str | None = OBSM_KEY,
     progress: bool = True,
@@ -87,10 +88,12 @@ def embed(
         Cells per forward pass; tokens per cell (default: the model's context length).
     tokenizer
         Override the model's tokenizer (must have the same vocabulary; checked).
+    counts_layer
+        AnnData layer holding raw counts (``None``: ``X``; ``"raw"``: ``raw.X``).
     key_added
         ``adata.obsm`` key to write (AnnData input only); ``None`` writes nothing.
     **tokenize_options
-        Passed to :class:`cellfoundry.tokenization.TokenizeOptions` (``layer``, ...).
+        Passed to :class:`cellfoundry.tokenization.TokenizeOptions` (``allow_normalized``...).
 
     Returns
     -------
@@ -109,7 +112,7 @@ def embed(
     limit = min(
         max_length or encoder.config.max_position_embeddings, encoder.config.max_position_embeddings
     )
-    options = TokenizeOptions(max_length=limit, **tokenize_options)
+    options = TokenizeOptions(max_length=limit, layer=counts_layer, **tokenize_options)
     report = TokenizeReport(input=str(adata) if isinstance(adata, str) else "<AnnData>")
     out: np.ndarray | None = None
     bar = tqdm(unit="cells", disable=not progress, desc="embedding")

@@ -1,0 +1,64 @@
+"""UMAP pictures of embeddings, for a person to look at (not a metric)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_COLOR_COLUMNS = ("cell_type", "region", "batch", "donor", "tissue")
+
+
+def pick_color_column(obs, requested: str | None = None) -> str | None:
+    """The obs column to colour by: the requested one (must exist) or a usual label column."""
+    if requested is not None:
+        if requested not in obs.columns:
+            raise ValueError(
+                f"--color column {requested!r} is not in obs; obs has {list(obs.columns)[:20]}."
+            )
+        return requested
+    return next((c for c in DEFAULT_COLOR_COLUMNS if c in obs.columns), None)
+
+
+def umap_plot(embedding: np.ndarray, labels, path: str | Path, title: str, seed: int = 0) -> Path:
+    """Write a 2-D UMAP scatter of ``embedding`` (cells, D) coloured by ``labels`` to a PNG.
+
+    Requires ``umap-learn`` and ``matplotlib`` (``pip install "cellfoundry[plot]"``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import umap
+    except ImportError as error:
+        raise ValueError(
+            f"--plot needs umap-learn and matplotlib ({error}); pip install 'cellfoundry[plot]'."
+        ) from error
+    finite = np.isfinite(embedding).all(axis=1)
+    coords = umap.UMAP(random_state=seed, n_neighbors=15).fit_transform(embedding[finite])
+    figure, axis = plt.subplots(figsize=(7, 6), dpi=120)
+    if labels is None:
+        axis.scatter(coords[:, 0], coords[:, 1], s=4, alpha=0.7)
+    else:
+        values = np.asarray(labels).astype(str)[finite]
+        for value in sorted(set(values)):
+            chosen = values == value
+            axis.scatter(coords[chosen, 0], coords[chosen, 1], s=4, alpha=0.7, label=value)
+        axis.legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axis.set(title=title, xlabel="UMAP 1", ylabel="UMAP 2", xticks=[], yticks=[])
+    figure.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        figure.savefig(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
