@@ -26,6 +26,9 @@ _LAZY = {
     "load_model": "cellfoundry.models",
     "check_tokenizer_compatible": "cellfoundry.models",
     "add_lora": "cellfoundry.adapters",
+    "embed": "cellfoundry.embedding",
+    "model_path": "cellfoundry.hub",
+    "shipped_models": "cellfoundry.hub",
 }
 # Submodules that import torch: loaded on first attribute access (``cellfoundry.models``).
 _LAZY_SUBMODULES = {"models", "adapters"}

@@ -47,7 +47,8 @@ def load_model(
     Parameters
     ----------
     name_or_path : str
-        Folder written by ``save_pretrained`` or a Hub repository id.
+        Shipped name (``cellfoundry-tiny-bert``), folder written by ``save_pretrained``, or
+        a Hub repository id.
     masked_gene_head : bool
         Return the ``...ForMaskedGeneModeling`` class (pretraining, gene prediction) instead
         of the bare encoder (embeddings, fine-tuning).
@@ -59,9 +60,11 @@ def load_model(
     PreTrainedModel
         A ``CellBert*`` or ``CellMamba*`` model, chosen by the checkpoint's ``model_type``.
     """
+    from cellfoundry.hub import resolve_model
+
     register_auto_classes()
     auto_class = AutoModelForMaskedLM if masked_gene_head else AutoModel
-    return auto_class.from_pretrained(name_or_path, **kwargs)
+    return auto_class.from_pretrained(resolve_model(name_or_path), **kwargs)
 
 
 register_auto_classes()

@@ -292,6 +292,39 @@ def masked_gene_logits_and_loss(
     return logits, loss
 
 
+class ModelCardMixin:
+    """``save_pretrained`` also writes the model card; ``from_pretrained`` reloads its facts.
+
+    The card (``README.md``) is rendered from the config and ``self.card_info``
+    (:class:`cellfoundry.hub.ModelCardInfo`), which is saved beside it as ``card.json``.
+    """
+
+    card_info = None
+
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+        """Save weights and config (transformers), then the model card."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from cellfoundry.hub import write_model_card
+
+            write_model_card(self, save_directory)
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
+        """Load as transformers does; keep the card facts of a local folder."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        from pathlib import Path
+
+        from cellfoundry.hub import ModelCardInfo
+
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir():
+            model.card_info = ModelCardInfo.load(folder)
+            model.card_name = folder.name
+        return model
+
+
 class MaskedGeneModelingMixin:
     """Head plumbing and forward shared by every ``*ForMaskedGeneModeling`` class.
 

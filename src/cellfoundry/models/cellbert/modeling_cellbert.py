@@ -22,7 +22,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .._shared import CellEmbeddings, MaskedGeneHead, MaskedGeneModelingMixin
+from .._shared import (
+    CellEmbeddings,
+    MaskedGeneHead,
+    MaskedGeneModelingMixin,
+    ModelCardMixin,
+)
 from .configuration_cellbert import CellBertConfig
 
 
@@ -148,7 +153,7 @@ class CellBertLayer(GradientCheckpointingLayer):
         return hidden_states + self.dropout(transformed)
 
 
-class CellBertPreTrainedModel(PreTrainedModel):
+class CellBertPreTrainedModel(ModelCardMixin, PreTrainedModel):
     """Shared loading, initialisation and attention-backend declarations."""
 
     config_class = CellBertConfig

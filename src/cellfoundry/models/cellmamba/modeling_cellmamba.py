@@ -26,7 +26,12 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 
-from .._shared import CellEmbeddings, MaskedGeneHead, MaskedGeneModelingMixin
+from .._shared import (
+    CellEmbeddings,
+    MaskedGeneHead,
+    MaskedGeneModelingMixin,
+    ModelCardMixin,
+)
 from .configuration_cellmamba import CellMambaConfig
 from .ssd import ssd_scan
 
@@ -199,7 +204,7 @@ class CellMambaLayer(GradientCheckpointingLayer):
         return hidden_states + self.dropout(self.mixer(self.mixer_norm(hidden_states), flip_index))
 
 
-class CellMambaPreTrainedModel(PreTrainedModel):
+class CellMambaPreTrainedModel(ModelCardMixin, PreTrainedModel):
     """Shared loading and Mamba-2 initialisation (decays, step sizes)."""
 
     config_class = CellMambaConfig
