@@ -73,3 +73,10 @@ def test_build_gene_maps_reproduces_shipped_files(tmp_path):
     assert produced == sorted(p.name for p in shipped.glob("*.gz"))
     for name in produced:
         assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes()
+
+
+def test_pretrain_subcommand_forwards_to_the_script_options(tmp_path):
+    result = _run("pretrain", "--help")
+    assert result.returncode == 0 and "--config" in result.stdout and "--resume" in result.stdout
+    missing = _run("pretrain", "--config", str(tmp_path / "none.yaml"))
+    assert missing.returncode == 2 and "none.yaml" in missing.stderr

@@ -73,6 +73,22 @@ def _add_embed(sub) -> None:
     p.set_defaults(func=cmd_embed)
 
 
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="masked-gene pretraining from a YAML config (same options as pretrain_mgm.py)",
+        add_help=False,
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="--config ... [--data ...] [k=v ...]")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from cellfoundry.training.entry import pretrain_main
+
+    return pretrain_main(args.args)
+
+
 def _add_misc(sub) -> None:
     p = sub.add_parser("build-gene-maps", help="rebuild the shipped gene maps from CSV sources")
     p.add_argument("source", help="folder with human_gencode_v44_ensembl_symbol.csv etc.")
@@ -89,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenize(sub)
     _add_build_tokenizer(sub)
     _add_embed(sub)
+    _add_pretrain(sub)
     _add_misc(sub)
     return parser
 
@@ -278,6 +295,9 @@ def _shipped_models() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pretrain"]:  # options belong to pretrain_main's own parser
+        return cmd_pretrain(argparse.Namespace(args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

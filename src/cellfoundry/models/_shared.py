@@ -19,7 +19,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import MaskedLMOutput
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +290,26 @@ def masked_gene_logits_and_loss(
         return logits, logits.sum() * 0.0
     loss = nn.functional.cross_entropy(logits.float(), labels[selected])
     return logits, loss
+
+
+def run_layers(
+    layers: nn.ModuleList,
+    hidden_states: torch.Tensor,
+    layer_input: Any,
+    final_norm: nn.Module,
+    output_hidden_states: bool,
+) -> BaseModelOutput:
+    """Run encoder blocks in order (each ``layer(hidden, layer_input)``), then the final norm.
+
+    ``layer_input`` is what every block needs besides the hidden states: the attention mask
+    for CellBert, the padding-aware flip index for CellMamba.
+    """
+    all_hidden = (hidden_states,) if output_hidden_states else None
+    for layer in layers:
+        hidden_states = layer(hidden_states, layer_input)
+        if all_hidden is not None:
+            all_hidden = all_hidden + (hidden_states,)
+    return BaseModelOutput(last_hidden_state=final_norm(hidden_states), hidden_states=all_hidden)
 
 
 class ModelCardMixin:

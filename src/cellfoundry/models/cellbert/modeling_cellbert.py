@@ -27,6 +27,7 @@ from .._shared import (
     MaskedGeneHead,
     MaskedGeneModelingMixin,
     ModelCardMixin,
+    run_layers,
 )
 from .configuration_cellbert import CellBertConfig
 
@@ -240,14 +241,7 @@ class CellBertModel(CellBertPreTrainedModel):
         mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )
-        all_hidden = (hidden_states,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, mask)
-            if all_hidden is not None:
-                all_hidden = all_hidden + (hidden_states,)
-        return BaseModelOutput(
-            last_hidden_state=self.final_norm(hidden_states), hidden_states=all_hidden
-        )
+        return run_layers(self.layers, hidden_states, mask, self.final_norm, output_hidden_states)
 
 
 class CellBertForMaskedGeneModeling(MaskedGeneModelingMixin, CellBertPreTrainedModel):

@@ -31,6 +31,7 @@ from .._shared import (
     MaskedGeneHead,
     MaskedGeneModelingMixin,
     ModelCardMixin,
+    run_layers,
 )
 from .configuration_cellmamba import CellMambaConfig
 from .ssd import ssd_scan
@@ -310,13 +311,8 @@ class CellMambaModel(CellMambaPreTrainedModel):
             check_right_padded(attention_mask)
         flip_index = valid_length_flip_index(attention_mask, batch, length, input_ids.device)
         hidden_states = self.embeddings(input_ids, context_ids)
-        all_hidden = (hidden_states,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, flip_index)
-            if all_hidden is not None:
-                all_hidden = all_hidden + (hidden_states,)
-        return BaseModelOutput(
-            last_hidden_state=self.final_norm(hidden_states), hidden_states=all_hidden
+        return run_layers(
+            self.layers, hidden_states, flip_index, self.final_norm, output_hidden_states
         )
 
 

@@ -1,0 +1,118 @@
+"""AdamW with the usual decay exemptions, and warm-up + decay learning-rate schedules.
+
+Weight decay shrinks weights towards zero, which regularises matrices but only distorts
+parameters that set a scale or an offset: biases, LayerNorm/RMSNorm gains (including the
+embedding LayerNorm) and the Mamba per-head scalars (``A_log``, ``D``, ``dt_bias``). All of
+these are the 0-D/1-D parameters, so the rule is "decay only parameters with two or more
+dimensions" (plus any parameter flagged ``_no_weight_decay``), which holds for every
+backbone without listing module names.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+logger = logging.getLogger(__name__)
+
+_SCHEDULER_NAMES = {
+    "cosine": "cosine",
+    "linear": "linear",
+    "constant": "constant_with_warmup",
+}
+
+
+def decays(parameter: nn.Parameter) -> bool:
+    """Whether ``parameter`` gets weight decay (matrices and embeddings only)."""
+    return parameter.ndim >= 2 and not getattr(parameter, "_no_weight_decay", False)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split the trainable parameters into a decayed and a non-decayed AdamW group.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (tied weights appear once, as ``named_parameters`` deduplicates them).
+    weight_decay : float
+        Decay of the first group.
+
+    Returns
+    -------
+    list of dict
+        ``[{"params": [...], "weight_decay": weight_decay}, {"params": [...],
+        "weight_decay": 0.0}]``, empty groups left out.
+    """
+    decayed, exempt = [], []
+    for _, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decayed if decays(parameter) else exempt).append(parameter)
+    if not decayed and not exempt:
+        raise ValueError("The model has no trainable parameters; nothing to optimise.")
+    groups = [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": exempt, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over :func:`parameter_groups` (decoupled decay, no decay on biases and norms)."""
+    groups = parameter_groups(model, weight_decay)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    min_lr_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up then cosine, linear or no decay (transformers' ``get_scheduler``).
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The optimizer whose learning rates are scheduled (peak = the group's ``lr``).
+    schedule : {"cosine", "linear", "constant"}
+        Shape after warm-up.
+    num_warmup_steps, num_training_steps : int
+        In optimizer steps (after gradient accumulation), not batches.
+    min_lr_ratio : float
+        Cosine only: decay to this share of the peak instead of 0.
+
+    Returns
+    -------
+    torch.optim.lr_scheduler.LRScheduler
+        Step it once per optimizer step.
+    """
+    if schedule not in _SCHEDULER_NAMES:
+        choices = sorted(_SCHEDULER_NAMES)
+        raise ValueError(f"Unknown lr schedule {schedule!r}; use one of {choices}.")
+    if num_warmup_steps > num_training_steps:
+        raise ValueError(
+            f"Warm-up ({num_warmup_steps} steps) is longer than training ({num_training_steps}); "
+            "lower warmup_steps/warmup_ratio or raise max_steps."
+        )
+    name, extra = _SCHEDULER_NAMES[schedule], {}
+    if schedule == "cosine" and min_lr_ratio > 0:
+        name, extra = "cosine_with_min_lr", {"min_lr_rate": min_lr_ratio}
+    elif min_lr_ratio > 0:
+        logger.warning("min_lr_ratio only applies to cosine; ignored for %s.", schedule)
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=extra or None,
+    )
