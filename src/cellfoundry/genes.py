@@ -520,8 +520,13 @@ def _contains(index: pd.Index, keys: np.ndarray) -> np.ndarray:
 
 def _ensembl_bases(upper: np.ndarray) -> np.ndarray:
     """Unversioned Ensembl gene id per value ("" where the value is not one)."""
-    bases = pd.Series(upper, dtype=object).str.extract(_ENSEMBL_RE, expand=False)
-    return bases.fillna("").to_numpy(dtype=object)
+    out = np.full(len(upper), "", dtype=object)
+    # the regex only where it can match: symbols (most inputs) never start with "ENS"
+    candidates = np.flatnonzero(np.char.startswith(upper.astype(str), "ENS")) if len(upper) else []
+    if len(candidates):
+        bases = pd.Series(upper[candidates], dtype=object).str.extract(_ENSEMBL_RE, expand=False)
+        out[candidates] = bases.fillna("").to_numpy(dtype=object)
+    return out
 
 
 def _map_values(upper: np.ndarray, species: str, maps: GeneMaps) -> tuple[np.ndarray, np.ndarray]:
@@ -558,10 +563,12 @@ def _resolve_source(values: np.ndarray, species: str, maps: GeneMaps) -> dict:
     ids, how = _map_values(upper, species, maps)
     # Names made unique by AnnData ("-1") or R ("."): resolve like the base name when that base
     # is itself an input var and the full name maps to nothing.
-    base = pd.Series(upper, dtype=object).str.extract(_MAKE_UNIQUE_RE, expand=False)
-    retry = (how == "") & base.notna().to_numpy() & base.isin(set(upper)).to_numpy()
-    if retry.any():
-        ids[retry], how[retry] = _map_values(base[retry].to_numpy(dtype=object), species, maps)
+    unmapped = np.flatnonzero(how == "")  # only these can need the make-unique retry
+    base = pd.Series(upper[unmapped], dtype=object).str.extract(_MAKE_UNIQUE_RE, expand=False)
+    hit = base.notna().to_numpy() & base.isin(set(upper)).to_numpy()
+    retry = unmapped[hit]
+    if retry.size:
+        ids[retry], how[retry] = _map_values(base[hit].to_numpy(dtype=object), species, maps)
     ids[how == "ambiguous"] = ""
     n_ensembl = int(np.count_nonzero(_ensembl_bases(upper) != ""))
     n_present = int(np.count_nonzero(upper != ""))
