@@ -283,15 +283,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("shipped tokenizers:")
     for name, path in shipped_tokenizers().items():
         print(f"  {name}: {path}")
-    models = _shipped_models()
+    from cellfoundry.hub import shipped_models
+
+    models = sorted(shipped_models())
     print("shipped models: " + (", ".join(models) if models else "none yet"))
     print(f"demo data: {cellfoundry.demo_path()}")
     return 0
-
-
-def _shipped_models() -> list[str]:
-    folder = Path(__file__).resolve().parent / "_data" / "models"
-    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
 
 def main(argv: list[str] | None = None) -> int:

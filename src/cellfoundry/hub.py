@@ -10,15 +10,14 @@ and ``card.json`` (the facts behind it, so a reloaded model keeps its card).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cellfoundry._io import atomic_write_text
+from cellfoundry.tokenization.registry import is_hub_repo_id
 
 CARD_FILE = "card.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def shipped_models_dir() -> Path:
@@ -56,7 +55,7 @@ def resolve_model(name_or_path: str | Path) -> str:
                 "model.save_pretrained(path) or name a shipped model or a Hub id."
             )
         return text
-    if _HUB_ID.match(text) and not path.exists():
+    if is_hub_repo_id(text) and not path.exists():
         return text
     raise ValueError(
         f"Unknown model {text!r}: not a shipped name ({sorted(shipped_models())}), not a "

@@ -345,6 +345,18 @@ class ModelCardMixin:
         return model
 
 
+class CellEncoderMixin:
+    """Embedding-table accessors shared by the bare encoders (``self.embeddings``)."""
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The word embedding table (shared by gene and context tokens)."""
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the word embedding table (used by ``resize_token_embeddings``)."""
+        self.embeddings.word_embeddings = value
+
+
 class MaskedGeneModelingMixin:
     """Head plumbing and forward shared by every ``*ForMaskedGeneModeling`` class.
 
@@ -354,7 +366,7 @@ class MaskedGeneModelingMixin:
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The word embedding table of the encoder."""
-        return self.base_model.embeddings.word_embeddings
+        return self.base_model.get_input_embeddings()
 
     def get_output_embeddings(self) -> nn.Linear:
         """The head's decoder, tied to the input embedding."""

@@ -204,12 +204,14 @@ def _write_provenance(folder, tokenizer, result, keep, description, command, sta
     import cellfoundry
 
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    input_hashes = {f.path: sha256_file(f.path) for f in result.files}
+    file_hashes = {name: sha256_file(folder / name) for name in files}
     rows = "\n".join(
-        f"| {f.path.name} | {sha256_file(f.path)[:16]}... | {f.n_cells} | {f.n_empty} | "
+        f"| {f.path.name} | {input_hashes[f.path][:16]}... | {f.n_cells} | {f.n_empty} | "
         f"{f.genes.get('n_mapped', '?')}/{f.genes.get('n_input', '?')} |"
         for f in result.files
     )
-    hashes = "\n".join(f"| {name} | {sha256_file(folder / name)} |" for name in files)
+    hashes = "\n".join(f"| {name} | {digest} |" for name, digest in file_hashes.items())
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
     max_genes = tokenizer.config["max_genes"]
     top = f", the {max_genes} most often detected" if max_genes else ""
@@ -251,10 +253,10 @@ An artifact is immutable: any change gets a new tokenizer id.
                 "tokenizer_id": tokenizer.name,
                 "command": command,
                 "inputs": [
-                    {"file": f.path.name, "sha256": sha256_file(f.path), "cells": f.n_cells}
+                    {"file": f.path.name, "sha256": input_hashes[f.path], "cells": f.n_cells}
                     for f in result.files
                 ],
-                "files_sha256": {name: sha256_file(folder / name) for name in files},
+                "files_sha256": file_hashes,
             },
             indent=2,
         )

@@ -17,6 +17,11 @@ DEFAULT_TOKENIZER = "cf-human-v1"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_hub_repo_id(text: str) -> bool:
+    """Whether ``text`` has the shape of a Hugging Face Hub repo id (``org/name``)."""
+    return bool(_HUB_ID.match(text))
+
+
 def artifact_roots() -> list[Path]:
     """Folders that may hold shipped tokenizer artifacts, wheel location first."""
     package = Path(__file__).resolve().parents[1]
@@ -44,7 +49,7 @@ def resolve_tokenizer_path(name_or_path: str | Path) -> Path:
     shipped = shipped_tokenizers()
     if str(name_or_path) in shipped:
         return shipped[str(name_or_path)]
-    if _HUB_ID.match(str(name_or_path)):
+    if is_hub_repo_id(str(name_or_path)):
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id=str(name_or_path)))

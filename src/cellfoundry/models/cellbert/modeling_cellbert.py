@@ -24,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .._shared import (
     CellEmbeddings,
+    CellEncoderMixin,
     MaskedGeneHead,
     MaskedGeneModelingMixin,
     ModelCardMixin,
@@ -168,7 +169,7 @@ class CellBertPreTrainedModel(ModelCardMixin, PreTrainedModel):
     _supports_attention_backend = True
 
 
-class CellBertModel(CellBertPreTrainedModel):
+class CellBertModel(CellEncoderMixin, CellBertPreTrainedModel):
     """CellBert encoder returning one vector per token.
 
     Parameters
@@ -198,14 +199,6 @@ class CellBertModel(CellBertPreTrainedModel):
         )
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        """The word embedding table (shared by gene and context tokens)."""
-        return self.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        """Replace the word embedding table (used by ``resize_token_embeddings``)."""
-        self.embeddings.word_embeddings = value
 
     def forward(
         self,

@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .._shared import (
     CellEmbeddings,
+    CellEncoderMixin,
     MaskedGeneHead,
     MaskedGeneModelingMixin,
     ModelCardMixin,
@@ -235,7 +236,7 @@ class CellMambaPreTrainedModel(ModelCardMixin, PreTrainedModel):
         init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
 
 
-class CellMambaModel(CellMambaPreTrainedModel):
+class CellMambaModel(CellEncoderMixin, CellMambaPreTrainedModel):
     """CellMamba encoder returning one vector per token.
 
     Parameters
@@ -265,14 +266,6 @@ class CellMambaModel(CellMambaPreTrainedModel):
         )
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        """The word embedding table (shared by gene and context tokens)."""
-        return self.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        """Replace the word embedding table (used by ``resize_token_embeddings``)."""
-        self.embeddings.word_embeddings = value
 
     def forward(
         self,
