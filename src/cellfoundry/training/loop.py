@@ -406,7 +406,8 @@ def _after_step(run: _Run, state: TrainerState, progress: Any) -> None:
         record.update(run.last_eval)
     if record:
         epoch = state.epoch + state.batches_in_epoch / max(len(run.train_loader), 1)
-        record = {"step": step, "epoch": round(epoch, 4), **record}
+        # Wall-clock time (Unix seconds) lets model cards state the training time measured.
+        record = {"step": step, "epoch": round(epoch, 4), "time": round(time.time(), 1), **record}
         _append_log(run, record)
         progress.set_postfix({k: record[k] for k in ("loss", "eval_loss") if k in record})
     if (args.save_every and step % args.save_every == 0) or last:
