@@ -26,10 +26,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cellfoundry._io import atomic_directory, atomic_write_text
-from cellfoundry.tokenization.anndata_io import CountReader
-from cellfoundry.tokenization.context import ContextSpec, context_ids
+from cellfoundry.tokenization.anndata_io import CountReader, ObsTable
+from cellfoundry.tokenization.context import ContextMapper, ContextSpec
 from cellfoundry.tokenization.rank_value import RankedChunk, RankValueTokenizer
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class TokenizedBlock:
     rows: np.ndarray  # int64 indices into the input's cells (kept cells only)
     ranked: RankedChunk
     context: np.ndarray  # int32 (cells, 3)
+    obs: pd.DataFrame  # the kept cells' obs rows: index (cell ids) + the obs_columns asked for
 
 
 def iter_tokenized(
@@ -90,8 +92,12 @@ def iter_tokenized(
     options: TokenizeOptions,
     report: TokenizeReport,
     reader: CountReader | None = None,
+    obs_columns: Sequence[str] = (),
 ) -> Iterator[TokenizedBlock]:
-    """Yield tokenized chunks of ``source`` (path or AnnData); fills ``report`` as it goes."""
+    """Yield tokenized chunks of ``source`` (path or AnnData); fills ``report`` as it goes.
+
+    Each block carries its cells' obs index and ``obs_columns``, read chunk by chunk.
+    """
     from cellfoundry.genes import resolve_genes
 
     own_reader = reader is None
@@ -112,11 +118,11 @@ def iter_tokenized(
                 "Check that var_names or a var column holds Ensembl ids or gene symbols of a "
                 "supported species, or use a tokenizer built for this gene panel."
             )
-        contexts = context_ids(
+        context = ContextMapper(
             options.context, reader.obs, tokenizer.vocab, resolution.species, reader.obsm_keys
         )
         report.n_cells_in = reader.n_obs
-        for chunk in reader.chunks():
+        for chunk in reader.chunks([*context.columns, *obs_columns]):
             alive = chunk.n_counts > 0
             report.n_empty_dropped += int((~alive).sum())
             rows = np.flatnonzero(alive)
@@ -134,7 +140,8 @@ def iter_tokenized(
                 rows = rows[has_gene]
             report.n_cells_out += rows.size
             report.n_tokens += int(ranked.lengths.sum())
-            yield TokenizedBlock(rows + chunk.start, ranked, contexts[rows + chunk.start])
+            obs = chunk.obs.iloc[rows]
+            yield TokenizedBlock(rows + chunk.start, ranked, context.ids(obs), obs)
     finally:
         if own_reader:
             reader.close()
@@ -145,7 +152,7 @@ def _select(ranked: RankedChunk, mask: np.ndarray) -> RankedChunk:
     return RankedChunk(ranked.flat_ids[keep_entries], ranked.lengths[mask])
 
 
-def _record_batch(block: TokenizedBlock, obs, keep_obs: Sequence[str]):
+def _record_batch(block: TokenizedBlock, keep_obs: Sequence[str]):
     import pyarrow as pa
 
     ranked = block.ranked
@@ -160,10 +167,10 @@ def _record_batch(block: TokenizedBlock, obs, keep_obs: Sequence[str]):
         "input_ids": input_ids,
         "length": pa.array(ranked.lengths.astype(np.int32)),
         "context_ids": context,
-        "cell_id": pa.array(obs.index[block.rows].astype(str).to_numpy(), type=pa.string()),
+        "cell_id": pa.array(block.obs.index.astype(str).to_numpy(), type=pa.string()),
     }
     for name in keep_obs:
-        series = obs[name].iloc[block.rows]
+        series = block.obs[name]
         if str(series.dtype) == "category" or series.dtype == object:
             series = series.astype(str)
         columns[name] = pa.array(series.to_numpy())
@@ -192,10 +199,11 @@ def tokenize_to_arrow(
         ) as reader:
             _check_keep_obs(reader.obs, options.keep_obs)
             bar = tqdm(total=reader.n_obs, unit="cells", disable=not progress, desc=Path(name).name)
-            for block in iter_tokenized(source, tokenizer, options, report, reader):
+            blocks = iter_tokenized(source, tokenizer, options, report, reader, options.keep_obs)
+            for block in blocks:
                 if block.rows.size == 0:
                     continue
-                batch = _record_batch(block, reader.obs, options.keep_obs)
+                batch = _record_batch(block, options.keep_obs)
                 if writer is None:
                     writer = pa.ipc.new_stream(str(tmp), batch.schema)
                 writer.write_batch(batch)
@@ -219,7 +227,8 @@ def tokenize_to_arrow(
     return report
 
 
-def _check_keep_obs(obs, keep_obs: Sequence[str]) -> None:
+def _check_keep_obs(obs: ObsTable, keep_obs: Sequence[str]) -> None:
+    """Fail before any output: columns are checked by name (obs is not read)."""
     missing = [c for c in keep_obs if c not in obs.columns]
     if missing:
         raise ValueError(
