@@ -332,7 +332,7 @@ def check_parity(out_dir: Path, cell_ids: np.ndarray, reference: list[np.ndarray
 # -- profile --------------------------------------------------------------------------------
 PROFILE_GROUPS = {
     # label -> regex over "file:line(function)"; cumulative seconds (groups may nest)
-    "open file, read var and obs column names (CountReader.__init__)": r"anndata_io\.py:\d+\(__init__\)",
+    "open file, list var and obs (CountReader.__init__)": r"anndata_io\.py:\d+\(__init__\)",
     "gene resolution (resolve_genes)": r"genes\.py:\d+\(resolve_genes\)",
     "read h5py rows (CountReader._read_rows)": r"anndata_io\.py:\d+\(_read_rows\)",
     "validate counts (CountReader._validate)": r"anndata_io\.py:\d+\(_validate\)",

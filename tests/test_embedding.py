@@ -143,3 +143,17 @@ def test_embed_cli_writes_h5ad_and_umap(tmp_path, tiny_tokenizer):
     )
     assert bad.returncode == 2 and "no_such_column" in bad.stderr
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_batches_are_capped_by_padded_tokens_as_well_as_cells():
+    from cellfoundry.embedding import _length_sorted_batches
+
+    lengths = np.array([2048, 100, 2048, 1000, 50, 50])
+    order = np.argsort(-lengths, kind="stable")
+    batches = [b.tolist() for b in _length_sorted_batches(order, lengths, 4, 4096)]
+    assert batches == [[0, 2], [3, 1, 4, 5]]  # 2 x 2048, then 4 x 1000 <= 4096
+    assert [b.tolist() for b in _length_sorted_batches(order, lengths, 4, None)] == [
+        [0, 2, 3, 1],
+        [4, 5],
+    ]
+    assert [len(b) for b in _length_sorted_batches(order, lengths, 4, 100)][0] == 1

@@ -410,3 +410,17 @@ def test_encoder_throughput_benchmark_runs_on_a_tiny_grid(tmp_path) -> None:
         for L in (16, 32)
     }
     assert set(saved["summary"]) == {"tiny/forward", "tiny/train"}
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_padding_mask_is_built_over_keys_only(implementation):
+    from cellfoundry.models.cellbert.modeling_cellbert import key_padding_mask
+
+    config = CellBertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1)
+    config._attn_implementation = implementation
+    hidden = torch.zeros(2, 5, 32)
+    assert key_padding_mask(config, hidden, torch.ones(2, 5, dtype=torch.long)) is None
+    mask = key_padding_mask(config, hidden, torch.tensor([[1, 1, 1, 0, 0], [1] * 5]))
+    assert mask.shape == (2, 1, 1, 5)
+    blocked = ~mask if implementation == "sdpa" else mask < 0
+    assert blocked[:, 0, 0].tolist() == [[False] * 3 + [True] * 2, [False] * 5]

@@ -64,6 +64,9 @@ def _add_embed(sub) -> None:
     p.add_argument("--layer", type=int, default=-1, help="hidden layer to pool (-1: last)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=None, help="tokens per cell incl. <cls>")
+    p.add_argument(
+        "--max-batch-tokens", type=int, default=16_384, help="cap on cells x longest per batch"
+    )
     p.add_argument("--counts-layer", default=None, help="AnnData layer with raw counts")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--plot", default=None, help="write a UMAP PNG of the embedding here")
@@ -204,6 +207,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         args.layer,
         args.batch_size,
         args.max_length,
+        args.max_batch_tokens,
         counts_layer=args.counts_layer,
         device=args.device,
         progress=not args.no_progress,

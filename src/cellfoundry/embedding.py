@@ -58,6 +58,20 @@ def _pad_batch(ranked, cells: np.ndarray, context: np.ndarray, pad_id: int):
     return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(context.astype(np.int64))
 
 
+def _length_sorted_batches(
+    order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int | None
+):
+    """Cut cells sorted longest first into batches of <= ``batch_size`` cells and, when set,
+    <= ``max_tokens`` padded tokens (the first cell of a batch is its longest)."""
+    start = 0
+    while start < order.size:
+        size = batch_size
+        if max_tokens is not None:
+            size = max(1, min(batch_size, max_tokens // int(lengths[order[start]])))
+        yield order[start : start + size]
+        start += size
+
+
 def embed(
     adata,
     model: Any = "cellfoundry-tiny-bert",
@@ -65,6 +79,7 @@ def embed(
     layer: int = -1,
     batch_size: int = 32,
     max_length: int | None = None,
+    max_batch_tokens: int | None = 16_384,
     tokenizer: Any = None,
     counts_layer: str | None = None,
     device: str | None = None,
@@ -86,6 +101,10 @@ def embed(
         Hidden layer to pool: -1 the last (after the final norm), 0 the embeddings.
     batch_size, max_length
         Cells per forward pass; tokens per cell (default: the model's context length).
+    max_batch_tokens
+        Also cap a batch at this many padded tokens (cells x longest cell), so batches of
+        long cells hold fewer cells and peak memory stays flat across cell lengths;
+        ``None`` caps by ``batch_size`` alone.
     tokenizer
         Override the model's tokenizer (must have the same vocabulary; checked).
     counts_layer
@@ -121,8 +140,9 @@ def embed(
             if out is None:
                 out = np.full((report.n_cells_in, encoder.config.hidden_size), np.nan, np.float32)
             order = np.argsort(-block.ranked.lengths, kind="stable")
-            for start in range(0, order.size, batch_size):
-                cells = order[start : start + batch_size]
+            for cells in _length_sorted_batches(
+                order, block.ranked.lengths, batch_size, max_batch_tokens
+            ):
                 ids, mask, context = _pad_batch(
                     block.ranked, cells, block.context[cells], tokenizer.vocab.pad_id
                 )

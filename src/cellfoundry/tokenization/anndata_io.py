@@ -308,6 +308,11 @@ class CountReader:
             probe = min(self.n_obs, 2000)
             indptr = self._x["indptr"][: probe + 1]
             return int(np.ceil((indptr[-1] - indptr[0]) / max(probe, 1)))
+        if self._encoding == "memory" and sp.issparse(self._memory_matrix):
+            # Sparse in-memory counts: the real density, not the dense worst case (which
+            # made chunks of a few hundred cells, so embed() sorted by length in tiny windows).
+            nnz = self._memory_matrix.nnz
+            return int(np.ceil(nnz / max(self.n_obs, 1)))
         return self.n_vars
 
     def chunks(self, obs_columns: Sequence[str] | None = None) -> Iterator[CountChunk]:
