@@ -34,11 +34,9 @@ LICENCE_NOTE = (
 
 
 def _training_hours(run: Path) -> float:
-    """Wall-clock hours from the first to the last log record (file times if not logged)."""
-    times = [record["time"] for record in read_log(run) if "time" in record]
-    if len(times) >= 2:
-        return (times[-1] - times[0]) / 3600
-    started = (run / "run_args.yaml").stat().st_mtime
+    """Wall-clock hours from the run's start (its split file, written once before step 1 and
+    reused on resume) to its last saved model; includes evaluations and any restarts."""
+    started = (run / "split.json").stat().st_mtime
     return ((run / "model.safetensors").stat().st_mtime - started) / 3600
 
 
