@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         },
         "targets": targets(sides["cellfoundry"], sides["baseline"]),
         "contention_note": (
-            "the machine's cores were shared with other jobs (two pretraining runs)"
+            "the machine's cores were shared with other jobs (load average above)"
             if max(load) > 0.5
             else "the machine was otherwise idle"
         ),
