@@ -127,7 +127,7 @@ def render_model_card(config: Any, info: ModelCardInfo, name: str = "cellfoundry
         corpus_cells=info.n_cells,
     )
     load_line = (
-        f'import cellfoundry\nmodel = cellfoundry.load_model("{name}")\n'
+        f'import cellfoundry\n\nmodel = cellfoundry.load_model("{name}")\n'
         f'embeddings = cellfoundry.embed(adata, model="{name}")'
     )
     body = f"""
