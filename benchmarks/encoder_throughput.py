@@ -14,12 +14,14 @@ timing, ratios, crossover, and what was not measured and why) and a Markdown tab
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the pre-step allocation; on CPU the
 peak resident set size above the pre-step baseline, sampled every 2 ms during the warm-up
 step (see :class:`GlibcAllocator` for why the allocator is switched around it). Timing: the
-median of ``--repeats`` steps after that warm-up.
+median of ``--repeats`` steps after that warm-up, the backends taking turns step by step
+(see :func:`interleaved_seconds`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import hashlib
 import json
@@ -189,14 +191,10 @@ class RssSampler:
         return (max(self.peak, self.process.memory_info().rss) - baseline) / 2**20
 
 
-def measure(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    mode: str,
-    repeats: int,
-    device: torch.device,
-) -> dict[str, float]:
-    """Warm-up step (also the memory measurement), then ``repeats`` timed steps."""
+def warm_up(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str, device: torch.device
+) -> float:
+    """One untimed step (kernel selection, allocator warm-up) that also measures peak memory."""
     model.train(mode == "train")
 
     def step() -> None:
@@ -207,24 +205,42 @@ def measure(
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
-        peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        ALLOCATOR.for_memory()
-        peak_mib = RssSampler().measure(step)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    ALLOCATOR.for_memory()
+    try:
+        return RssSampler().measure(step)
+    finally:
         ALLOCATOR.for_speed()
-    times = []
+
+
+def interleaved_seconds(
+    models: list[torch.nn.Module],
+    batch: dict[str, torch.Tensor],
+    mode: str,
+    repeats: int,
+    device: torch.device,
+) -> list[list[float]]:
+    """Time ``repeats`` rounds of one step per model, the models taking turns within a round.
+
+    On a shared machine the load drifts over seconds; timing backend A's steps and then
+    backend B's would fold that drift into the A/B ratio. Taking turns exposes every backend
+    to the same drift, and round r of each backend gives a per-round ratio whose spread shows
+    how much of a small difference is noise.
+    """
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    tokens = batch["input_ids"].numel()
-    return {
-        "seconds": times,
-        "median_s": median,
-        "tokens_per_s": tokens / median,
-        "peak_memory_mib": peak_mib,
-    }
+        for index, model in enumerate(models):
+            model.train(mode == "train")
+            start = time.perf_counter()
+            run_step(model, batch, mode)
+            synchronize(device)
+            times[index].append(time.perf_counter() - start)
+    return times
+
+
+def timing_summary(seconds: list[float], tokens: int) -> dict:
+    median = statistics.median(seconds)
+    return {"seconds": seconds, "median_s": median, "tokens_per_s": tokens / median}
 
 
 def predicted_seconds(
@@ -267,15 +283,20 @@ def skip_reason(
     length: int,
     previous: dict[tuple, float],
     deadline: float,
+    reserved_s: float = 0.0,
 ) -> str | None:
-    """Why this configuration is not run (memory or time budget), or None to run it."""
+    """Why this configuration is not run (memory or time budget), or None to run it.
+
+    ``reserved_s`` is the time already promised to backends warmed up for the same
+    (length, mode), whose timed rounds run after every warm-up.
+    """
     size, backend, mode = key
     if backend == "eager":
         need = eager_attention_gib(model, length, args.batch_size, mode)
         if need > args.max_attention_gib:
             limit = args.max_attention_gib
             return f"eager attention would hold ~{need:.1f} GiB > --max-attention-gib {limit}"
-    remaining = deadline - time.monotonic()
+    remaining = deadline - time.monotonic() - reserved_s
     predicted = predicted_seconds(previous, key, length, backend)
     if predicted is not None and predicted * (args.repeats + 1) > remaining:
         return (
@@ -285,6 +306,22 @@ def skip_reason(
     if remaining <= 0:
         return "time budget exhausted"
     return None
+
+
+def backend_models(
+    models: dict[str, torch.nn.Module], device: torch.device
+) -> dict[str, torch.nn.Module]:
+    """One model per backend; the attention backends share CellBert's weights (deep copies),
+    so timed steps can take turns without switching ``attn_implementation`` in between."""
+    chosen = {}
+    for backend in backends_for(device):
+        if backend == "mamba":
+            chosen[backend] = models["mamba"]
+            continue
+        model = models["bert"] if backend == "eager" else copy.deepcopy(models["bert"])
+        model.set_attn_implementation(backend)
+        chosen[backend] = model
+    return chosen
 
 
 def run_grid(
@@ -303,31 +340,38 @@ def run_grid(
                 "total_parameters": sum(p.numel() for p in model.parameters()),
                 "config": model.config.to_diff_dict(),
             }
+        per_backend = backend_models(models, device)
         for length in sorted(args.lengths):
             batch = make_batch(length, args.batch_size, args.vocab, device)
             digest = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()
-            for backend in backends_for(device):
-                model = models["mamba" if backend == "mamba" else "bert"]
-                if backend != "mamba":
-                    model.set_attn_implementation(backend)
-                for mode in args.modes:
+            for mode in args.modes:
+                ready, reserved_s = [], 0.0
+                for backend, model in per_backend.items():
                     key = (size, backend, mode)
                     row = {"size": size, "backend": backend, "mode": mode, "length": length}
-                    reason = skip_reason(args, model, key, length, previous, deadline)
+                    reason = skip_reason(args, model, key, length, previous, deadline, reserved_s)
                     if reason is None:
                         try:
-                            row.update(measure(model, batch, mode, args.repeats, device))
+                            started = time.perf_counter()
+                            row["peak_memory_mib"] = warm_up(model, batch, mode, device)
+                            reserved_s += (time.perf_counter() - started) * args.repeats
                         except (RuntimeError, MemoryError) as error:  # out of memory
                             reason = f"{type(error).__name__}: {str(error)[:200]}"
                     if reason is not None:
                         skipped.append({**row, "reason": reason})
                         print(f"skip {size:>4} {backend:>17} {mode:>7} L={length:<5} {reason}")
                         continue
+                    ready.append((key, model, row))
+                seconds = interleaved_seconds(
+                    [model for _, model, _ in ready], batch, mode, args.repeats, device
+                )
+                for (key, _, row), times in zip(ready, seconds, strict=True):
+                    row.update(timing_summary(times, batch["input_ids"].numel()))
                     row["input_sha256"] = digest
                     previous[(key, length)] = row["median_s"]
                     results.append(row)
                     print(
-                        f"{size:>4} {backend:>17} {mode:>7} L={length:<5} "
+                        f"{size:>4} {row['backend']:>17} {mode:>7} L={length:<5} "
                         f"{row['tokens_per_s']:>10.0f} tok/s  {row['peak_memory_mib']:>8.0f} MiB"
                     )
                     sys.stdout.flush()
@@ -348,9 +392,17 @@ def crossover(
     return found
 
 
+def per_round_range(seconds_a: list[float], seconds_b: list[float]) -> list[float]:
+    """[min, max] over timing rounds of the speed ratio a/b (= b's time / a's time); the
+    backends took turns within each round, so each round's ratio saw the same load."""
+    ratios = [tb / ta for ta, tb in zip(seconds_a, seconds_b, strict=True)]
+    return [min(ratios), max(ratios)]
+
+
 def summarize(results: list[dict], sizes: list[str], modes: list[str]) -> dict[str, dict]:
     """Throughput ratios against eager and sdpa, and the attention-vs-Mamba crossover."""
     speed = {(r["size"], r["mode"], r["backend"], r["length"]): r["tokens_per_s"] for r in results}
+    seconds = {(r["size"], r["mode"], r["backend"], r["length"]): r["seconds"] for r in results}
     summary = {}
     for size in sizes:
         for mode in modes:
@@ -364,18 +416,26 @@ def summarize(results: list[dict], sizes: list[str], modes: list[str]) -> dict[s
                 for L in lengths
                 if L in table["sdpa"] or L in table["flash_attention_2"]
             }
-            ratios = {}
+            ratios, spreads = {}, {}
             for L in lengths:
-                ratios[L] = {
-                    f"{b}/eager": table[b][L] / table["eager"][L]
+                pairs = [
+                    (b, "eager")
                     for b in ("sdpa", "flash_attention_2", "mamba")
                     if L in table[b] and L in table["eager"]
-                }
+                ]
                 if L in table["mamba"] and L in table["sdpa"]:
-                    ratios[L]["mamba/sdpa"] = table["mamba"][L] / table["sdpa"][L]
+                    pairs.append(("mamba", "sdpa"))
+                ratios[L] = {f"{a}/{b}": table[a][L] / table[b][L] for a, b in pairs}
+                spreads[L] = {
+                    f"{a}/{b}": per_round_range(
+                        seconds[(size, mode, a, L)], seconds[(size, mode, b, L)]
+                    )
+                    for a, b in pairs
+                }
             point = crossover(lengths, table["mamba"], best_attention)
             summary[f"{size}/{mode}"] = {
                 "ratios": {str(L): v for L, v in ratios.items()},
+                "ratio_per_round_range": {str(L): v for L, v in spreads.items()},
                 "crossover_length": point,
                 "crossover_note": (
                     f"Mamba >= best attention backend from L={point} on (measured lengths)"
@@ -429,6 +489,15 @@ def _fmt(value: float | None, spec: str = ".0f") -> str:
     return "n/m" if value is None else format(value, spec)
 
 
+def _ratio_cell(ratio: float | None, spread: list[float] | None) -> str:
+    """``1.03 (0.99-1.06)``: ratio of medians, then its per-round min-max."""
+    if ratio is None:
+        return "n/m"
+    if spread is None:
+        return f"{ratio:.2f}"
+    return f"{ratio:.2f} ({spread[0]:.2f}-{spread[1]:.2f})"
+
+
 def _markdown_section(size: str, mode: str, item: dict, report: dict) -> list[str]:
     """One table: tokens/s per backend, ratios, peak memory, for one size and mode."""
     rows = {(r["size"], r["mode"], r["backend"], r["length"]): r for r in report["results"]}
@@ -458,8 +527,9 @@ def _markdown_section(size: str, mode: str, item: dict, report: dict) -> list[st
     ]
     for length, ratio in item["ratios"].items():
         found = [rows.get((size, mode, b, int(length)), {}) for b in backends]
+        spread = item.get("ratio_per_round_range", {}).get(length, {})
         cells = [_fmt(r.get("tokens_per_s")) for r in found]
-        cells += [_fmt(ratio.get(name), ".2f") for name in ratio_names]
+        cells += [_ratio_cell(ratio.get(name), spread.get(name)) for name in ratio_names]
         memory = " / ".join(_fmt(r.get("peak_memory_mib")) for r in found)
         lines.append(f"| {length} | " + " | ".join(cells) + f" | {memory} |")
     return [*lines, "", f"Crossover: {item['crossover_note']}.", ""]
@@ -473,7 +543,9 @@ def markdown(report: dict) -> str:
         "",
         f"Device {env['device_name']} ({env['device']}), {env['dtype']}, "
         f"{env['torch_threads']} thread(s), batch {settings['batch_size']}, median of "
-        f"{settings['repeats']} timed steps after 1 warm-up; torch {env['versions']['torch']}, "
+        f"{settings['repeats']} timed steps after 1 warm-up, the backends taking turns step by "
+        "step (ratio of medians, then in brackets its min-max over rounds); "
+        f"torch {env['versions']['torch']}, "
         f"transformers {env['versions']['transformers']}; machine load average (1 min) "
         f"{env['load_average_1min_start_end'][0]:.1f} at start, "
         f"{env['load_average_1min_start_end'][1]:.1f} at end. Speeds in tokens/s; ratios against "
@@ -508,7 +580,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"]
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per config (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per config (median)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=25_000, help="gene vocabulary size")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
