@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cellfoundry.evaluation.baselines import pca_baseline
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -145,63 +147,6 @@ def model_input(adata, x_kind: str):
     x = adata.X.copy()
     x.data = np.expm1(x.data)
     return ad.AnnData(X=x, obs=adata.obs[[]], var=adata.var), {"allow_normalized": True}
-
-
-# -- baseline -------------------------------------------------------------------------------
-def seurat_hvg(log_x: np.ndarray, n_top: int, n_bins: int = 20) -> np.ndarray:
-    """Indices of the top genes by Seurat's binned normalised dispersion (scanpy "seurat").
-
-    Means and dispersions are computed on ``expm1`` of log-normalised data, the log dispersion
-    is z-scored within 20 equal-width bins of log1p(mean), and the ``n_top`` highest are kept
-    (all genes when there are at most ``n_top``).
-    """
-    import pandas as pd
-
-    if log_x.shape[1] <= n_top:
-        return np.arange(log_x.shape[1])
-    x = np.expm1(log_x.astype(np.float64))
-    mean = x.mean(axis=0)
-    var = x.var(axis=0, ddof=1)
-    mean[mean == 0] = 1e-12
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dispersion = var / mean
-        dispersion[dispersion == 0] = np.nan
-        dispersion = np.log(dispersion)
-    frame = pd.DataFrame({"mean": np.log1p(mean), "dispersion": dispersion})
-    frame["bin"] = pd.cut(frame["mean"], bins=n_bins)
-    grouped = frame.groupby("bin", observed=False)["dispersion"]
-    bin_mean, bin_std = grouped.mean(), grouped.std(ddof=1)
-    single = bin_std.isnull()  # a bin with one gene: as scanpy, z = (d - 0) / d
-    bin_std[single], bin_mean[single] = bin_mean[single], 0
-    norm = (frame["dispersion"] - bin_mean[frame["bin"]].to_numpy()) / bin_std[
-        frame["bin"]
-    ].to_numpy()
-    score = np.nan_to_num(norm.to_numpy(dtype=np.float64), nan=-np.inf)
-    return np.sort(np.argsort(-score, kind="stable")[:n_top])
-
-
-def pca_baseline(adata, x_kind: str, n_hvg: int, n_comps: int, seed: int) -> tuple:
-    """log1p(normalize_total 1e4) -> HVG -> PCA on the same cells; returns (X, details)."""
-    from sklearn.decomposition import PCA
-
-    x = adata.X.toarray().astype(np.float64)
-    if x_kind == "counts":
-        totals = x.sum(axis=1, keepdims=True)
-        x = np.log1p(x / np.maximum(totals, 1e-12) * 1e4)
-        steps = "normalize_total(1e4) -> log1p"
-    else:
-        steps = "X as given (already log1p(normalize_total))"
-    genes = seurat_hvg(x, n_hvg)
-    n = min(n_comps, len(genes), x.shape[0] - 1)
-    pca = PCA(n_components=n, svd_solver="full", random_state=seed)
-    scores = pca.fit_transform(x[:, genes])
-    details = {
-        "steps": f"{steps} -> Seurat HVG ({len(genes)} genes) -> PCA({n}), centred, not scaled",
-        "n_hvg": int(len(genes)),
-        "n_components": int(n),
-        "explained_variance_ratio_sum": round(float(pca.explained_variance_ratio_.sum()), 4),
-    }
-    return scores.astype(np.float32), details
 
 
 # -- metrics --------------------------------------------------------------------------------

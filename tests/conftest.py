@@ -35,3 +35,40 @@ def human_tokenizer():
     from cellfoundry.tokenization import load_tokenizer
 
     return load_tokenizer("cf-human-v1")
+
+
+def save_tiny_model(tmp_path, backbone: str, tokenizer) -> str:
+    """Save a tiny masked-gene model (hidden 32, 2 layers, seed 0) for ``tokenizer``; its path."""
+    import torch
+
+    from cellfoundry.models import (
+        CellBertConfig,
+        CellBertForMaskedGeneModeling,
+        CellMambaConfig,
+        CellMambaForMaskedGeneModeling,
+    )
+
+    torch.manual_seed(0)
+    common = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 256,
+        "hidden_dropout_prob": 0.0,
+    }
+    if backbone == "bert":
+        config = CellBertConfig.from_tokenizer(
+            tokenizer,
+            num_attention_heads=4,
+            intermediate_size=64,
+            attention_probs_dropout_prob=0.0,
+            **common,
+        )
+        model = CellBertForMaskedGeneModeling(config)
+    else:
+        config = CellMambaConfig.from_tokenizer(
+            tokenizer, head_dim=16, state_size=8, chunk_size=16, **common
+        )
+        model = CellMambaForMaskedGeneModeling(config)
+    path = tmp_path / backbone
+    model.save_pretrained(path)
+    return str(path)

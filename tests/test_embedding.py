@@ -6,43 +6,10 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
+from conftest import save_tiny_model
 
 from cellfoundry import demo_path
 from cellfoundry.embedding import embed
-from cellfoundry.models import (
-    CellBertConfig,
-    CellBertForMaskedGeneModeling,
-    CellMambaConfig,
-    CellMambaForMaskedGeneModeling,
-)
-
-
-def _saved_model(tmp_path, backbone: str, tokenizer) -> str:
-    torch.manual_seed(0)
-    common = {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "max_position_embeddings": 256,
-        "hidden_dropout_prob": 0.0,
-    }
-    if backbone == "bert":
-        config = CellBertConfig.from_tokenizer(
-            tokenizer,
-            num_attention_heads=4,
-            intermediate_size=64,
-            attention_probs_dropout_prob=0.0,
-            **common,
-        )
-        model = CellBertForMaskedGeneModeling(config)
-    else:
-        config = CellMambaConfig.from_tokenizer(
-            tokenizer, head_dim=16, state_size=8, chunk_size=16, **common
-        )
-        model = CellMambaForMaskedGeneModeling(config)
-    path = tmp_path / backbone
-    model.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +21,7 @@ def demo_cells():
 def test_embed_writes_obsm_and_is_bit_equal_on_rerun(
     tmp_path, tiny_tokenizer, demo_cells, backbone
 ):
-    path = _saved_model(tmp_path, backbone, tiny_tokenizer)
+    path = save_tiny_model(tmp_path, backbone, tiny_tokenizer)
     first = embed(demo_cells, path, batch_size=8, progress=False)
     assert first.shape == (40, 32) and first.dtype == np.float32
     assert np.isfinite(first).all()
@@ -69,7 +36,7 @@ def test_embed_writes_obsm_and_is_bit_equal_on_rerun(
 
 
 def test_pooling_layers_and_path_input(tmp_path, tiny_tokenizer, demo_cells):
-    path = _saved_model(tmp_path, "bert", tiny_tokenizer)
+    path = save_tiny_model(tmp_path, "bert", tiny_tokenizer)
     cls = embed(demo_cells, path, progress=False, key_added=None)
     mean = embed(demo_cells, path, pooling="mean", progress=False, key_added=None)
     first_layer = embed(demo_cells, path, layer=1, progress=False, key_added=None)
@@ -85,14 +52,14 @@ def test_empty_cells_get_nan_rows(tmp_path, tiny_tokenizer, demo_cells, caplog):
     dense = cells.X.toarray()
     dense[2] = 0
     cells.X = sp.csr_matrix(dense)
-    path = _saved_model(tmp_path, "bert", tiny_tokenizer)
+    path = save_tiny_model(tmp_path, "bert", tiny_tokenizer)
     out = embed(cells, path, progress=False)
     assert np.isnan(out[2]).all() and np.isfinite(np.delete(out, 2, axis=0)).all()
     assert "1 cells had no counts" in caplog.text
 
 
 def test_tokenizer_mismatch_is_refused(tmp_path, tiny_tokenizer, human_tokenizer, demo_cells):
-    path = _saved_model(tmp_path, "bert", tiny_tokenizer)
+    path = save_tiny_model(tmp_path, "bert", tiny_tokenizer)
     with pytest.raises(ValueError, match="cf-human-v1"):
         embed(demo_cells, path, tokenizer=human_tokenizer, progress=False)
 
@@ -100,7 +67,7 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tiny_tokenizer, human_tokenizer
 def test_embed_cli_writes_h5ad_and_umap(tmp_path, tiny_tokenizer):
     import subprocess
 
-    model = _saved_model(tmp_path, "bert", tiny_tokenizer)
+    model = save_tiny_model(tmp_path, "bert", tiny_tokenizer)
     out = tmp_path / "emb.h5ad"
     plot = tmp_path / "umap.png"
     result = subprocess.run(

@@ -92,6 +92,75 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return pretrain_main(args.args)
 
 
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune for a task from a YAML config (same options as finetune.py)",
+        add_help=False,
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="--task ... --config ... [k=v ...]")
+    p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("predict", help="apply a fine-tuned task model; write into the .h5ad")
+    p.add_argument("input", help=".h5ad with raw counts")
+    p.add_argument("output", help="output .h5ad (predictions in obs / obsm)")
+    p.add_argument("--model", required=True, help="fine-tuned task model folder")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--allow-normalized", action="store_true", help="accept non-count input")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from cellfoundry.tasks.entry import finetune_main
+
+    return finetune_main(args.args)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from cellfoundry.tasks import load_task_model, predict
+
+    source, output = Path(args.input), Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; choose another path or pass --overwrite.")
+    if not source.exists():
+        raise ValueError(f"Input file {source} does not exist; check the path.")
+    model = load_task_model(args.model, args.device)
+    adata = ad.read_h5ad(source)
+    start = time.perf_counter()
+    written = predict(
+        adata,
+        model,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+        allow_normalized=args.allow_normalized,
+    )
+    _write_h5ad_atomically(adata, output)
+    seconds = time.perf_counter() - start
+    print(
+        f"{model.config.task}: {adata.n_obs} cells -> {output} ({', '.join(written)}), "
+        f"{seconds:.2f} s"
+    )
+    return 0
+
+
+def _write_h5ad_atomically(adata, output: Path) -> None:
+    """Write through a temporary file in the same folder, so no half-written output remains."""
+    import os
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp.h5ad")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _add_misc(sub) -> None:
     p = sub.add_parser("build-gene-maps", help="rebuild the shipped gene maps from CSV sources")
     p.add_argument("source", help="folder with human_gencode_v44_ensembl_symbol.csv etc.")
@@ -109,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_tokenizer(sub)
     _add_embed(sub)
     _add_pretrain(sub)
+    _add_finetune(sub)
     _add_misc(sub)
     return parser
 
@@ -181,7 +251,6 @@ def _print_tokenize_summary(reports, out_dir, tokenizer_name: str, seconds: floa
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    import os
 
     import anndata as ad
 
@@ -213,13 +282,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     seconds = time.perf_counter() - start
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp.h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_h5ad_atomically(adata, output)
     print(
         f"embedded {vectors.shape[0]} cells -> {output} obsm['{OBSM_KEY}'] {vectors.shape}, "
         f"{seconds:.2f} s, {vectors.shape[0] / max(seconds, 1e-9):,.0f} cells/s"

@@ -4,7 +4,12 @@ Sits between ``cellfoundry.tokenization`` (which writes the tokenized Arrow fold
 here) and ``cellfoundry.training`` (which iterates the batches built here).
 """
 
-from cellfoundry.data.collators import IGNORE_INDEX, MaskedGeneCollator, derive_seed
+from cellfoundry.data.collators import (
+    IGNORE_INDEX,
+    CellBatchCollator,
+    MaskedGeneCollator,
+    derive_seed,
+)
 from cellfoundry.data.datasets import (
     CellSplit,
     LengthGroupedBatchSampler,
@@ -16,6 +21,7 @@ from cellfoundry.data.datasets import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "CellBatchCollator",
     "CellSplit",
     "LengthGroupedBatchSampler",
     "MaskedGeneCollator",

@@ -1,4 +1,4 @@
-"""Masked-gene collator: pad a list of tokenized cells into a batch and hide 15 % of the genes.
+"""Collators: pad tokenized cells into batches; the masked-gene one also hides 15 % of genes.
 
 The objective is BERT's masked-language modelling applied to rank-ordered gene tokens
 (Geneformer's pretraining task): a fraction of the *gene* tokens is selected; of those, 80 %
@@ -204,10 +204,7 @@ class MaskedGeneCollator:
         return list(range(start, start + len(features)))
 
     def _padded_length(self, longest: int) -> int:
-        """Round up to ``pad_to_multiple_of`` but never past ``max_length`` (the position limit)."""
-        multiple = self.pad_to_multiple_of
-        length = longest if multiple is None else math.ceil(longest / multiple) * multiple
-        return length if self.max_length is None else min(length, self.max_length)
+        return padded_length(longest, self.pad_to_multiple_of, self.max_length)
 
     def _mask_cell(self, ids: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Select, replace and label the genes of one cell with its own generator."""
@@ -233,9 +230,66 @@ class MaskedGeneCollator:
         return masked, labels
 
 
+def padded_length(longest: int, multiple: int | None, max_length: int | None) -> int:
+    """Round up to ``multiple`` but never past ``max_length`` (the position limit)."""
+    length = longest if multiple is None else math.ceil(longest / multiple) * multiple
+    return length if max_length is None else min(length, max_length)
+
+
 def _pad_stack(rows: Sequence[torch.Tensor], length: int, value: int) -> torch.Tensor:
     """Stack 1-D tensors into (len(rows), length), right-padded with ``value``."""
     out = torch.full((len(rows), length), value, dtype=torch.long)
     for row_index, row in enumerate(rows):
         out[row_index, : len(row)] = row
     return out
+
+
+@dataclass
+class CellBatchCollator:
+    """Pad tokenized cells into a batch with their per-cell targets (task fine-tuning).
+
+    Parameters
+    ----------
+    pad_token_id : int
+        Id of ``<pad>`` (also pads context ids, which the models ignore).
+    max_length : int or None
+        Keep ``<cls>`` and the highest-ranked genes up to this many tokens.
+    pad_to_multiple_of : int or None
+        Round the padded length up to a multiple of this, capped at ``max_length``.
+    target_columns : tuple of str
+        Per-cell integer fields copied into the batch as (B,) long tensors (e.g. ``labels``
+        for annotation, ``batch_labels`` for integration) when the cells have them.
+    """
+
+    pad_token_id: int = 0
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    target_columns: tuple[str, ...] = ("labels", "batch_labels")
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """``input_ids``/``attention_mask`` (B, L), ``context_ids`` (B, C), targets (B,)."""
+        if not features:
+            raise ValueError("Cannot collate an empty list of cells.")
+        cells = []
+        for feature in features:
+            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            if ids.ndim != 1 or len(ids) == 0:
+                raise ValueError(
+                    f"input_ids must be a non-empty 1-D sequence (<cls> then genes), got shape "
+                    f"{tuple(ids.shape)}; pass rows of a tokenized dataset."
+                )
+            cells.append(ids[: self.max_length] if self.max_length is not None else ids)
+        length = padded_length(
+            max(len(ids) for ids in cells), self.pad_to_multiple_of, self.max_length
+        )
+        batch = {
+            "input_ids": _pad_stack(cells, length, self.pad_token_id),
+            "attention_mask": _pad_stack([torch.ones_like(ids) for ids in cells], length, 0),
+        }
+        if all(feature.get("context_ids") is not None for feature in features):
+            rows = [torch.as_tensor(f["context_ids"], dtype=torch.long) for f in features]
+            batch["context_ids"] = _pad_stack(rows, max(len(r) for r in rows), self.pad_token_id)
+        for name in self.target_columns:
+            if all(name in feature for feature in features):
+                batch[name] = torch.as_tensor([int(f[name]) for f in features], dtype=torch.long)
+        return batch

@@ -175,6 +175,8 @@ class TokenizedCells(Dataset):
         Rows of ``dataset`` this view serves (a split); ``None`` for all rows.
     lengths : numpy.ndarray or None
         (rows of ``dataset``,) token counts if already known; read otherwise.
+    extra_columns : sequence of str
+        Further columns passed through to the collator (e.g. a task's ``labels``).
     """
 
     def __init__(
@@ -182,8 +184,15 @@ class TokenizedCells(Dataset):
         dataset: datasets.Dataset,
         indices: Sequence[int] | np.ndarray | None = None,
         lengths: np.ndarray | None = None,
+        extra_columns: Sequence[str] = (),
     ) -> None:
+        missing = [name for name in extra_columns if name not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"Column(s) {missing} are not in the dataset (columns: {dataset.column_names})."
+            )
         columns = [name for name in _MODEL_COLUMNS if name in dataset.column_names]
+        columns += list(extra_columns)
         self.dataset = dataset.select_columns(columns)
         n_rows = len(dataset)
         self.indices = np.arange(n_rows) if indices is None else np.asarray(indices, np.int64)

@@ -7,6 +7,7 @@ from cellfoundry.tokenization.pipeline import (
     iter_tokenized,
     load_tokenized,
     tokenize_files,
+    tokenize_to_table,
 )
 from cellfoundry.tokenization.rank_value import RankedChunk, RankValueTokenizer
 from cellfoundry.tokenization.registry import (
@@ -29,4 +30,5 @@ __all__ = [
     "load_tokenizer",
     "shipped_tokenizers",
     "tokenize_files",
+    "tokenize_to_table",
 ]

@@ -227,6 +227,44 @@ def tokenize_to_arrow(
     return report
 
 
+def tokenize_to_table(
+    source, tokenizer: RankValueTokenizer, options: TokenizeOptions, obs_columns: Sequence[str] = ()
+):
+    """Tokenize ``source`` (path or AnnData) into one in-memory Arrow table.
+
+    For data that fits in memory and is used once, e.g. a labelled set being fine-tuned on:
+    the same columns as a tokenized folder (``input_ids``, ``length``, ``context_ids``,
+    ``cell_id`` and ``obs_columns``) plus ``row``, each cell's row in the input, so results
+    can be written back next to the right cell. Cells dropped by tokenization (no counts, no
+    vocabulary gene) have no row; the report counts them.
+
+    Returns
+    -------
+    (pyarrow.Table, TokenizeReport)
+    """
+    import pyarrow as pa
+
+    name = str(source) if isinstance(source, (str, Path)) else "<AnnData>"
+    report = TokenizeReport(input=name)
+    start = time.perf_counter()
+    batches = []
+    with CountReader(source, options.layer, options.allow_normalized, options.chunk_size) as reader:
+        _check_keep_obs(reader.obs, obs_columns)
+        for block in iter_tokenized(source, tokenizer, options, report, reader, obs_columns):
+            if block.rows.size:
+                batch = _record_batch(block, obs_columns)
+                rows = pa.array(block.rows.astype(np.int64))
+                batches.append(batch.append_column("row", rows))
+    if not batches:
+        raise ValueError(
+            f"{name}: every cell was empty or had no vocabulary gene "
+            f"({report.n_empty_dropped} empty, {report.n_no_vocab_gene_dropped} without "
+            "vocabulary genes); nothing to tokenize. Check the matrix and the gene ids."
+        )
+    report.seconds = time.perf_counter() - start
+    return pa.Table.from_batches(batches), report
+
+
 def _check_keep_obs(obs: ObsTable, keep_obs: Sequence[str]) -> None:
     """Fail before any output: columns are checked by name (obs is not read)."""
     missing = [c for c in keep_obs if c not in obs.columns]

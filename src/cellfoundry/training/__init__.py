@@ -1,12 +1,15 @@
 """Training: run settings (``args``), optimizer and schedule (``optim``), the one loop (``loop``).
 
-``run_pretraining(model_spec, args)`` is what ``pretraining/pretrain_mgm.py`` calls;
-:func:`train` is the loop every script shares.
+``run_pretraining(model_spec, args)`` is what ``pretraining/pretrain_mgm.py`` calls and
+``cellfoundry.tasks.run_finetuning`` what ``finetuning/finetune.py`` calls; :func:`train` is
+the loop both share.
 """
 
 from cellfoundry.training.args import (
     RUN_ARGS_FILE,
+    FinetuningArgs,
     PretrainingArgs,
+    TrainingArgs,
     load_pretraining_config,
     model_config_kwargs,
     parse_overrides,
@@ -33,7 +36,9 @@ from cellfoundry.training.optim import build_optimizer, build_scheduler, paramet
 __all__ = [
     "LOG_FILE",
     "RUN_ARGS_FILE",
+    "FinetuningArgs",
     "PretrainingArgs",
+    "TrainingArgs",
     "TrainResult",
     "TrainerState",
     "build_masked_gene_model",

@@ -26,7 +26,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -37,36 +37,17 @@ logger = logging.getLogger(__name__)
 RUN_ARGS_FILE = "run_args.yaml"
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+ArgsT = TypeVar("ArgsT", bound="TrainingArgs")
 
 
 @dataclass
-class PretrainingArgs:
-    """Everything about a masked-gene pretraining run except the architecture.
+class TrainingArgs:
+    """What the training loop needs, shared by pretraining and fine-tuning runs.
 
     Parameters
     ----------
-    data : list of str
-        Tokenized folders (``cellfoundry tokenize`` output); all must share one vocabulary.
     output_dir : str
-        Where ``run_args.yaml``, ``log.jsonl``, ``split.json``, ``checkpoints/`` and the
-        final model (``config.json`` + ``model.safetensors``) go.
-    tokenizer : str or None
-        Tokenizer name or folder; ``None`` uses the one recorded in the data's manifest.
-    init_from : str or None
-        Start from this checkpoint's weights instead of a fresh model (continued
-        pretraining); the ``model`` section is then ignored.
-    split_file : str or None
-        Train/eval split file; ``None`` means ``<output_dir>/split.json``. An existing file
-        is reused as is.
-    eval_fraction, split_seed : float, int
-        Share of cells held out and the seed that picks them (only when the file is made).
-    max_length : int or None
-        Truncate cells to this many tokens (``<cls>`` + top-ranked genes); ``None`` uses the
-        model's ``max_position_embeddings``.
-    mlm_probability : float
-        Share of gene tokens selected for prediction (80/10/10 mask/random/keep).
-    pad_to_multiple_of : int or None
-        Pad batch length to a multiple of this.
+        Where ``run_args.yaml``, ``log.jsonl``, ``checkpoints/`` and the final model go.
     batch_size, eval_batch_size : int, int or None
         Cells per batch per device (eval defaults to ``batch_size``).
     gradient_accumulation_steps : int
@@ -90,9 +71,6 @@ class PretrainingArgs:
         Steps between log records, evaluations and checkpoints (``None``: only at the end).
         Keep ``save_every`` a multiple of ``log_every`` so a resumed log averages the same
         steps as an uninterrupted one.
-    max_eval_cells : int or None
-        Score a fixed random subset of this many held-out cells at each evaluation (the
-        same subset every time); ``None`` scores all of them.
     save_total_limit : int or None
         Keep only the newest this-many checkpoints.
     seed : int
@@ -113,16 +91,7 @@ class PretrainingArgs:
         Show a tqdm bar on the main process.
     """
 
-    data: list[str] = field(default_factory=list)
-    output_dir: str = "runs/pretrain"
-    tokenizer: str | None = None
-    init_from: str | None = None
-    split_file: str | None = None
-    eval_fraction: float = 0.05
-    split_seed: int = 0
-    max_length: int | None = None
-    mlm_probability: float = 0.15
-    pad_to_multiple_of: int | None = 8
+    output_dir: str = "runs/train"
     batch_size: int = 32
     eval_batch_size: int | None = None
     gradient_accumulation_steps: int = 1
@@ -139,7 +108,6 @@ class PretrainingArgs:
     max_grad_norm: float | None = 1.0
     log_every: int = 10
     eval_every: int | None = 500
-    max_eval_cells: int | None = None
     save_every: int | None = 1000
     save_total_limit: int | None = 2
     seed: int = 0
@@ -159,22 +127,12 @@ class PretrainingArgs:
 
     def _validate(self) -> None:
         positive = ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every")
-        optional_positive = (
-            "eval_batch_size",
-            "eval_every",
-            "save_every",
-            "save_total_limit",
-            "max_length",
-            "pad_to_multiple_of",
-            "max_eval_cells",
-        )
+        optional_positive = ("eval_batch_size", "eval_every", "save_every", "save_total_limit")
         for name in positive:
             _check(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
         for name in optional_positive:
             value = getattr(self, name)
             _check(value is None or value > 0, name, value, "a positive integer or null")
-        _check(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "in [0, 1)")
-        _check(0 < self.mlm_probability <= 1, "mlm_probability", self.mlm_probability, "in (0, 1]")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "positive")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
         _check(0 <= self.min_lr_ratio < 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1)")
@@ -205,14 +163,9 @@ class PretrainingArgs:
         steps = max(self.warmup_steps, math.ceil(round(self.warmup_ratio * self.max_steps, 6)))
         return min(steps, self.max_steps)
 
-    @property
-    def split_path(self) -> Path:
-        """The split file this run reads or writes."""
-        return Path(self.split_file) if self.split_file else Path(self.output_dir) / "split.json"
-
     # -- I/O -------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> PretrainingArgs:
+    def from_dict(cls: type[ArgsT], values: Mapping[str, Any]) -> ArgsT:
         """Build from a mapping, naming unknown keys (with close matches) instead of ignoring."""
         known = {item.name for item in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -223,7 +176,7 @@ class PretrainingArgs:
             )
             raise ValueError(
                 f"Unknown training field(s) {detail}. Valid fields are the attributes of "
-                "PretrainingArgs; model sizes belong under the 'model' section."
+                f"{cls.__name__}; model sizes belong under the 'model' section."
             )
         return cls(**dict(values))
 
@@ -231,23 +184,138 @@ class PretrainingArgs:
         """Plain-type mapping (what ``run_args.yaml`` holds)."""
         return asdict(self)
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> PretrainingArgs:
+    def with_overrides(self: ArgsT, overrides: Mapping[str, Any]) -> ArgsT:
         """A copy with some fields changed (values converted and validated like YAML input)."""
         merged = {**self.to_dict(), **overrides}
-        return PretrainingArgs.from_dict(merged)
+        return type(self).from_dict(merged)
 
     def save(self, output_dir: str | Path | None = None) -> Path:
         """Write ``run_args.yaml`` (atomically) into ``output_dir`` (default: the run's)."""
         path = Path(output_dir or self.output_dir) / RUN_ARGS_FILE
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        return atomic_write_text(path, "# cellfoundry PretrainingArgs\n" + text)
+        return atomic_write_text(path, f"# cellfoundry {type(self).__name__}\n" + text)
 
     @classmethod
-    def load(cls, path: str | Path) -> PretrainingArgs:
+    def load(cls: type[ArgsT], path: str | Path) -> ArgsT:
         """Read ``run_args.yaml`` (or a folder holding one)."""
         path = Path(path)
         path = path / RUN_ARGS_FILE if path.is_dir() else path
         return cls.from_dict(_read_yaml_mapping(path))
+
+
+@dataclass
+class PretrainingArgs(TrainingArgs):
+    """A masked-gene pretraining run: the loop's settings (:class:`TrainingArgs`) plus data.
+
+    Parameters
+    ----------
+    data : list of str
+        Tokenized folders (``cellfoundry tokenize`` output); all must share one vocabulary.
+    tokenizer : str or None
+        Tokenizer name or folder; ``None`` uses the one recorded in the data's manifest.
+    init_from : str or None
+        Start from this checkpoint's weights instead of a fresh model (continued
+        pretraining); the ``model`` section is then ignored.
+    split_file : str or None
+        Train/eval split file; ``None`` means ``<output_dir>/split.json``. An existing file
+        is reused as is.
+    eval_fraction, split_seed : float, int
+        Share of cells held out and the seed that picks them (only when the file is made).
+    max_length : int or None
+        Truncate cells to this many tokens (``<cls>`` + top-ranked genes); ``None`` uses the
+        model's ``max_position_embeddings``.
+    mlm_probability : float
+        Share of gene tokens selected for prediction (80/10/10 mask/random/keep).
+    pad_to_multiple_of : int or None
+        Pad batch length to a multiple of this.
+    max_eval_cells : int or None
+        Score a fixed random subset of this many held-out cells at each evaluation (the
+        same subset every time); ``None`` scores all of them.
+    """
+
+    output_dir: str = "runs/pretrain"
+    data: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    init_from: str | None = None
+    split_file: str | None = None
+    eval_fraction: float = 0.05
+    split_seed: int = 0
+    max_length: int | None = None
+    mlm_probability: float = 0.15
+    pad_to_multiple_of: int | None = 8
+    max_eval_cells: int | None = None
+
+    def _validate(self) -> None:
+        super()._validate()
+        for name in ("max_length", "pad_to_multiple_of", "max_eval_cells"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, value, "a positive integer or null")
+        _check(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "in [0, 1)")
+        _check(0 < self.mlm_probability <= 1, "mlm_probability", self.mlm_probability, "in (0, 1]")
+
+    @property
+    def split_path(self) -> Path:
+        """The split file this run reads or writes."""
+        return Path(self.split_file) if self.split_file else Path(self.output_dir) / "split.json"
+
+
+@dataclass
+class FinetuningArgs(TrainingArgs):
+    """A task fine-tuning run: the loop's settings (:class:`TrainingArgs`) plus labelled data.
+
+    The task head (base model, labels, pooling, LoRA rank, what trains, context length) is
+    the task config's business (``task_config.json``), not the run's (design section 6).
+
+    Parameters
+    ----------
+    data : str
+        ``.h5ad`` with raw counts and the label (and batch) columns.
+    label_key, batch_key : str, str or None
+        ``obs`` columns with the labels to learn and the batch / donor / section.
+    split_file : str or None
+        A split (``cellfoundry.tasks.LabelSplit`` JSON); ``None`` means
+        ``<output_dir>/split.json``, made from the settings below when missing.
+    split_strategy : {"random", "holdout", "few_shot"}
+        How cells are split (see :func:`cellfoundry.tasks.make_split`).
+    holdout : list of str or None
+        ``holdout`` strategy: ``batch_key`` values whose cells form the test set.
+    n_per_class : int or None
+        ``few_shot`` strategy: training cells per label.
+    drop_labels : list of str
+        Labels whose cells are left out entirely (e.g. ``NA``, ``unlabelled``).
+    split_seed : int
+        Seed of the split (only when the file is made).
+    allow_normalized : bool
+        Accept non-count input (e.g. MERFISH volume-normalised values); see the tokenizer.
+    """
+
+    output_dir: str = "runs/finetune"
+    learning_rate: float = 1e-3
+    max_steps: int = 300
+    eval_every: int | None = 100
+    save_every: int | None = None
+    log_every: int = 10
+    warmup_ratio: float = 0.1
+    data: str = ""
+    label_key: str = "cell_type"
+    batch_key: str | None = None
+    split_file: str | None = None
+    split_strategy: str = "random"
+    holdout: list[str] | None = None
+    n_per_class: int | None = None
+    drop_labels: list[str] = field(default_factory=list)
+    split_seed: int = 0
+    allow_normalized: bool = False
+
+    def _validate(self) -> None:
+        super()._validate()
+        strategies = ("random", "holdout", "few_shot")
+        _check(self.split_strategy in strategies, "split_strategy", self.split_strategy, strategies)
+
+    @property
+    def split_path(self) -> Path:
+        """The split file this run reads or writes."""
+        return Path(self.split_file) if self.split_file else Path(self.output_dir) / "split.json"
 
 
 def resolve_mixed_precision(value: str = "auto") -> str:

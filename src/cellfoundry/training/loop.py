@@ -1,6 +1,6 @@
 """The one training loop: accelerate, gradient accumulation, evaluation, checkpoints, exact resume.
 
-Every training script (pretraining now, fine-tuning later) runs :func:`train`; the scripts
+Every training script (pretraining and task fine-tuning) runs :func:`train`; the scripts
 only parse a config and build the model and data. The same code runs on one CPU, one GPU,
 several GPUs with DDP, FSDP or DeepSpeed: ``accelerate launch --config_file ...`` chooses.
 
@@ -59,7 +59,12 @@ from cellfoundry.data import (
     load_corpus,
     split_cells,
 )
-from cellfoundry.training.args import PretrainingArgs, model_config_kwargs, resolve_mixed_precision
+from cellfoundry.training.args import (
+    PretrainingArgs,
+    TrainingArgs,
+    model_config_kwargs,
+    resolve_mixed_precision,
+)
 from cellfoundry.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -122,6 +127,7 @@ class TrainResult:
 
 
 StepCallback = Callable[[TrainerState, Mapping[str, Any]], None]
+EvaluateFn = Callable[[torch.nn.Module, Any, Accelerator], dict[str, float]]
 """Called after every optimizer step (after logging, evaluation and saving) with the state
 and the record logged at that step (empty when nothing was logged)."""
 
@@ -130,7 +136,7 @@ and the record logged at that step (empty when nothing was logged)."""
 class _Run:
     """Objects one training run passes between the loop's helpers."""
 
-    args: PretrainingArgs
+    args: TrainingArgs
     accelerator: Accelerator
     model: torch.nn.Module
     optimizer: Any
@@ -140,6 +146,8 @@ class _Run:
     epoch_setters: list[Any]
     output_dir: Path
     callbacks: Sequence[StepCallback]
+    evaluate_fn: EvaluateFn
+    description: str
     window: _Window = field(default_factory=lambda: _Window())
     grad_norm: float | None = None
     last_loss: float | None = None
@@ -175,7 +183,7 @@ class _Window:
 
 
 # -- setup ------------------------------------------------------------------------------------
-def create_accelerator(args: PretrainingArgs) -> Accelerator:
+def create_accelerator(args: TrainingArgs) -> Accelerator:
     """The ``Accelerator`` of a run: precision, accumulation and scheduler stepping.
 
     Accumulation windows run across epoch boundaries (``sync_with_dataloader=False``) so an
@@ -219,7 +227,7 @@ def make_dataloader(
     )
 
 
-def _prepare_output_dir(args: PretrainingArgs, accelerator: Accelerator) -> Path:
+def _prepare_output_dir(args: TrainingArgs, accelerator: Accelerator) -> Path:
     """Create the folder, refuse to mix two runs in it, write ``run_args.yaml``."""
     output_dir = Path(args.output_dir)
     resuming = args.resume_from_checkpoint is not None
@@ -241,31 +249,41 @@ def _prepare_output_dir(args: PretrainingArgs, accelerator: Accelerator) -> Path
 
 # -- training ---------------------------------------------------------------------------------
 def train(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     train_cells: TokenizedCells,
-    collator: MaskedGeneCollator,
-    args: PretrainingArgs,
+    collator: Callable[[Sequence[Mapping[str, Any]]], dict[str, torch.Tensor]],
+    args: TrainingArgs,
     *,
     eval_cells: TokenizedCells | None = None,
     accelerator: Accelerator | None = None,
     callbacks: Sequence[StepCallback] = (),
+    evaluate_fn: EvaluateFn | None = None,
+    description: str = "pretraining",
 ) -> TrainResult:
-    """Train ``model`` on masked genes for ``args.max_steps`` optimizer steps.
+    """Train ``model`` for ``args.max_steps`` optimizer steps (masked genes or a task).
 
     Parameters
     ----------
-    model : PreTrainedModel
-        A ``...ForMaskedGeneModeling`` model (returns ``loss`` and masked-position logits).
+    model : torch.nn.Module
+        Returns an output with ``loss`` when called on a collated batch: a
+        ``...ForMaskedGeneModeling`` model or a task model. Saved with its own
+        ``save_pretrained(folder, state_dict=...)``.
     train_cells, eval_cells : TokenizedCells
         Training cells and (optionally) held-out cells scored every ``args.eval_every``.
-    collator : MaskedGeneCollator
-        Batches and masks cells; evaluation uses a copy with fixed (epoch-0) masks.
-    args : PretrainingArgs
+    collator : callable
+        Batches cells (e.g. :class:`~cellfoundry.data.MaskedGeneCollator`, which masks);
+        evaluation uses a copy, reset to epoch 0, so its masks are the same every time.
+    args : TrainingArgs
         Run settings; ``resume_from_checkpoint`` continues a run exactly.
     accelerator : Accelerator or None
         Made by :func:`create_accelerator` when not given.
     callbacks : sequence of callables
         ``callback(state, record)`` after every optimizer step.
+    evaluate_fn : callable or None
+        ``evaluate_fn(model, loader, accelerator) -> {"eval_...": value}``; ``None`` scores
+        masked genes (:func:`evaluate`).
+    description : str
+        Progress-bar label.
 
     Returns
     -------
@@ -288,7 +306,9 @@ def train(
         raise ValueError("No training cells: the corpus is empty or everything is held out.")
     eval_loader = None
     if eval_cells is not None and len(eval_cells):
-        eval_collator = dataclasses.replace(collator)  # fresh epoch 0: same masks every eval
+        # A fresh copy at epoch 0: the same masks at every evaluation.
+        fresh = dataclasses.is_dataclass(collator)
+        eval_collator = dataclasses.replace(collator) if fresh else collator
         eval_batch = args.eval_batch_size or args.batch_size
         eval_loader = make_dataloader(eval_cells, eval_collator, eval_batch, shuffle=False, seed=0)
     optimizer = build_optimizer(
@@ -301,7 +321,9 @@ def train(
     scheduler = build_scheduler(
         optimizer, args.lr_scheduler, args.num_warmup_steps, args.max_steps, args.min_lr_ratio
     )
-    epoch_setters = [train_loader.batch_sampler, collator]
+    epoch_setters = [train_loader.batch_sampler]
+    if hasattr(collator, "set_epoch"):
+        epoch_setters.append(collator)
     model, optimizer, scheduler, train_loader = accelerator.prepare(
         model, optimizer, scheduler, train_loader
     )
@@ -318,6 +340,8 @@ def train(
         epoch_setters,
         output_dir,
         callbacks,
+        evaluate_fn or evaluate,
+        description,
     )
     state = _resume(run) if args.resume_from_checkpoint else TrainerState()
     state.setup = _setup_fingerprint(run)
@@ -331,7 +355,7 @@ def _train_steps(run: _Run, state: TrainerState) -> TrainResult:
     progress = tqdm(
         total=args.max_steps,
         initial=state.step,
-        desc="pretraining",
+        desc=run.description,
         unit="step",
         disable=not (args.progress_bar and accelerator.is_local_main_process),
     )
@@ -402,7 +426,7 @@ def _after_step(run: _Run, state: TrainerState, progress: Any) -> None:
         run.window.reset()
     paused = time.perf_counter()  # evaluation and saving do not count towards tokens/s
     if run.eval_loader is not None and ((args.eval_every and step % args.eval_every == 0) or last):
-        run.last_eval = evaluate(run.model, run.eval_loader, run.accelerator)
+        run.last_eval = run.evaluate_fn(run.model, run.eval_loader, run.accelerator)
         record.update(run.last_eval)
     if record:
         epoch = state.epoch + state.batches_in_epoch / max(len(run.train_loader), 1)

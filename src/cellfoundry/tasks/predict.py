@@ -1,0 +1,99 @@
+"""Apply a fine-tuned task model to new cells and write its output into the AnnData.
+
+Cells go through the same streamed, length-sorted path as zero-shot embedding
+(:func:`cellfoundry.embed`, with the fine-tuned encoder and the task's pooling); the head then
+runs on the pooled vectors. What is written depends on the task (``Task.write_predictions``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def cell_vectors(
+    adata: Any,
+    model: Any,
+    batch_size: int = 32,
+    device: str | None = None,
+    progress: bool = True,
+    **tokenize_options: Any,
+) -> np.ndarray:
+    """(cells, D) pooled vectors of the task model's encoder (NaN rows: cells not tokenized)."""
+    from cellfoundry.embedding import embed
+
+    return embed(
+        adata,
+        model=model.backbone,
+        pooling=model.config.pooling,
+        batch_size=batch_size,
+        max_length=model.config.max_length,
+        device=device,
+        key_added=None,
+        progress=progress,
+        **tokenize_options,
+    )
+
+
+@torch.no_grad()
+def head_outputs(model: Any, vectors: np.ndarray, batch_size: int = 4096) -> Any:
+    """Run the head (eval mode) on the rows of ``vectors`` that are not NaN.
+
+    Returns the concatenated ``TaskOutput`` fields as numpy arrays (logits, embeddings) for
+    those rows, and the boolean mask of the rows they belong to.
+    """
+    head = model.head.eval()
+    device = next(head.parameters()).device
+    valid = ~np.isnan(vectors).any(axis=1)
+    logits, embeddings = [], []
+    rows = torch.from_numpy(vectors[valid])
+    for start in range(0, len(rows), batch_size):
+        output = head(rows[start : start + batch_size].to(device))
+        if output.logits is not None:
+            logits.append(output.logits.float().cpu())
+        if output.embeddings is not None:
+            embeddings.append(output.embeddings.float().cpu())
+    return {
+        "valid": valid,
+        "logits": torch.cat(logits).numpy() if logits else None,
+        "embeddings": torch.cat(embeddings).numpy() if embeddings else None,
+    }
+
+
+def predict(
+    adata: Any,
+    model: Any,
+    batch_size: int = 32,
+    device: str | None = None,
+    progress: bool = True,
+    **tokenize_options: Any,
+) -> dict[str, Any]:
+    """Predict with a fine-tuned task model and write the result into ``adata``.
+
+    Parameters
+    ----------
+    adata : AnnData
+        Raw counts (as for ``cellfoundry.embed``).
+    model : TaskModel or path
+        A task model or the folder it was saved in.
+    batch_size, device, progress
+        As for ``cellfoundry.embed``.
+    **tokenize_options
+        Passed to the tokenizer (``allow_normalized=True`` for non-count input).
+
+    Returns
+    -------
+    dict
+        What was written (keys and arrays); annotation: ``labels`` (predicted, ``None`` for
+        cells that could not be tokenized), ``probabilities`` (cells, K) and ``classes``.
+    """
+    from cellfoundry.tasks.base import get_task, load_task_model
+
+    if isinstance(model, (str, Path)):
+        model = load_task_model(model, device)
+    vectors = cell_vectors(adata, model, batch_size, device, progress, **tokenize_options)
+    outputs = head_outputs(model, vectors)
+    return get_task(model.config.task).write_predictions(adata, model.config, outputs)
