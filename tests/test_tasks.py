@@ -210,3 +210,20 @@ def test_finetune_script_and_predict_cli(tmp_path, starmap_file, base_models) ->
     assert set(result.obs["cellfoundry_prediction"].astype(str)) <= set(
         result.uns["cellfoundry_classes"]
     )
+
+
+def test_finetune_annotation_benchmark_runs_on_a_tiny_grid(tmp_path, base_models) -> None:
+    """Smoke test of benchmarks/finetune_annotation.py (2 steps, one mode and seed)."""
+    import importlib.util
+
+    path = REPO / "benchmarks" / "finetune_annotation.py"
+    spec = importlib.util.spec_from_file_location("finetune_annotation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--datasets", "starmap", "--seeds", "0", "--modes", "linear_probe"]
+    argv += ["--max-steps", "2", "--few-shot", "--model", base_models["bert"]]
+    report = module.main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path)])
+    block = report["datasets"]["starmap / holdout"]
+    assert block["split"]["strategy"] == "holdout" and block["split"]["test"] > 0
+    assert set(block["summary"]["methods"]) == {"linear_probe", *module.BASELINES}
+    assert (tmp_path / "finetune_annotation.md").read_text().count("| linear_probe |") == 1

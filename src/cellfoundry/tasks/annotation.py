@@ -57,7 +57,15 @@ class AnnotationConfig(TaskConfig):
 
 
 class ClassificationHead(nn.Module):
-    """Dropout, then a linear layer (or a two-layer MLP) to class scores; cross-entropy loss."""
+    """Standardise, dropout, then a linear layer (or a two-layer MLP); cross-entropy loss.
+
+    The first layer is a ``BatchNorm1d``: pooled cell vectors of a pretrained encoder share one
+    dominant direction and differ across cells by little (on STARmap, cellfoundry-tiny-bert's
+    ``<cls>`` vectors have norm ~11 and per-feature sd ~0.02). A linear classifier on them as
+    they are barely learns (logistic regression on the frozen vectors: macro-F1 0.045 on a
+    held-out slice; on standardised vectors 0.42). Batch statistics standardise them and keep
+    doing so while LoRA or full fine-tuning moves the encoder; evaluation uses running ones.
+    """
 
     def __init__(self, config: AnnotationConfig, hidden_size: int) -> None:
         super().__init__()
@@ -67,6 +75,7 @@ class ClassificationHead(nn.Module):
                 "column and the split."
             )
         n_classes = len(config.labels)
+        self.norm = nn.BatchNorm1d(hidden_size)
         self.dropout = nn.Dropout(config.head_dropout)
         if config.head_hidden_size:
             width = config.head_hidden_size
@@ -80,15 +89,27 @@ class ClassificationHead(nn.Module):
             weights = torch.tensor(config.class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
 
+    def _standardise(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Batch statistics in training (running ones for a one-cell batch, which has none)."""
+        if self.training and vectors.shape[0] == 1:
+            return _standardise_with_running_stats(self.norm, vectors)
+        return self.norm(vectors)
+
     def forward(
         self, vectors: torch.Tensor, labels: torch.Tensor | None = None, **_: Any
     ) -> TaskOutput:
         """(B, D) cell vectors -> (B, K) logits; loss when ``labels`` (B,) are given."""
-        logits = self.classifier(self.dropout(vectors))
+        logits = self.classifier(self.dropout(self._standardise(vectors)))
         loss = None
         if labels is not None:
             loss = functional.cross_entropy(logits.float(), labels, weight=self.class_weights)
         return TaskOutput(loss=loss, logits=logits, embeddings=vectors)
+
+
+def _standardise_with_running_stats(norm: nn.BatchNorm1d, vectors: torch.Tensor) -> torch.Tensor:
+    return functional.batch_norm(
+        vectors, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
+    )
 
 
 def balanced_class_weights(label_codes: np.ndarray, n_classes: int) -> list[float]:

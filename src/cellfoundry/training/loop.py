@@ -211,13 +211,16 @@ def make_dataloader(
     shuffle: bool,
     seed: int,
     num_workers: int = 0,
+    group_batches: int = 50,
 ) -> DataLoader:
     """A ``DataLoader`` with length-grouped batches and its own generator.
 
     The private generator keeps iterator creation (which draws a base seed for workers) off
     the global torch RNG, whose stream belongs to dropout and is restored on resume.
     """
-    sampler = LengthGroupedBatchSampler(cells.lengths, batch_size, shuffle=shuffle, seed=seed)
+    sampler = LengthGroupedBatchSampler(
+        cells.lengths, batch_size, shuffle=shuffle, seed=seed, group_batches=group_batches
+    )
     return DataLoader(
         cells,
         batch_sampler=sampler,
@@ -301,6 +304,7 @@ def train(
         shuffle=True,
         seed=args.seed,
         num_workers=args.dataloader_num_workers,
+        group_batches=args.length_group_batches,
     )
     if len(train_loader) == 0:
         raise ValueError("No training cells: the corpus is empty or everything is held out.")
