@@ -117,7 +117,7 @@ def run_finetuning(config: TaskConfig, args: FinetuningArgs) -> FinetuneResult:
     from cellfoundry.data import CellBatchCollator, TokenizedCells
     from cellfoundry.embedding import _tokenizer_for
     from cellfoundry.models import load_model
-    from cellfoundry.training import train
+    from cellfoundry.training import make_dataloader, train
     from cellfoundry.training.loop import create_accelerator
 
     task = get_task(config.task)
@@ -143,12 +143,14 @@ def run_finetuning(config: TaskConfig, args: FinetuningArgs) -> FinetuneResult:
     set_seed(args.seed)  # head and LoRA initialisation
     model = build_task_model(config, backbone)
     collator = CellBatchCollator(tokenizer.vocab.pad_id, max_length, pad_to_multiple_of=8)
+    train_cells = TokenizedCells(dataset, parts["train"], extra_columns=targets)
+    task.prepare_head(model, make_dataloader(train_cells, collator, 64, shuffle=False, seed=0))
     eval_cells = None
     if parts["validation"].size:
         eval_cells = TokenizedCells(dataset, parts["validation"], extra_columns=targets)
     result = train(
         model,
-        TokenizedCells(dataset, parts["train"], extra_columns=targets),
+        train_cells,
         collator,
         args,
         eval_cells=eval_cells,
