@@ -15,7 +15,6 @@ Overrides are ``key=value``; ``task.<field>=value`` addresses the task section.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from cellfoundry.training.args import FinetuningArgs, parse_overrides
+from cellfoundry.training.entry import collect_overrides, configure_logging
 
 
 def load_finetuning_config(
@@ -85,18 +85,9 @@ def finetune_main(argv: list[str] | None = None) -> int:
     import cellfoundry.tasks  # noqa: F401 - registers the tasks for --task choices
 
     options = parse_args(argv)
-    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=log_format)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    named = {
-        "data": options.data,
-        "output_dir": options.output_dir,
-        "max_steps": options.max_steps,
-        "resume_from_checkpoint": options.resume,
-    }
+    configure_logging()
     try:
-        overrides = parse_overrides(options.overrides)
-        overrides.update({key: value for key, value in named.items() if value is not None})
+        overrides = collect_overrides(options)
         config, args = load_finetuning_config(options.config, options.task, overrides)
         if not args.data:
             raise ValueError("No data: pass --data cells.h5ad or set training.data.")

@@ -29,21 +29,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def pretrain_main(argv: list[str] | None = None) -> int:
-    """Run pretraining and print where the model went."""
-    options = parse_args(argv)
+def configure_logging() -> None:
+    """INFO logs with timestamps for training scripts; accelerate's per-file lines muted."""
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=log_format)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file
+
+
+def collect_overrides(options: argparse.Namespace) -> dict:
+    """``key=value`` overrides plus the named options (``--data``, ``--output_dir``, ...) given."""
     named = {
         "data": options.data,
         "output_dir": options.output_dir,
         "max_steps": options.max_steps,
         "resume_from_checkpoint": options.resume,
     }
+    overrides = parse_overrides(options.overrides)
+    overrides.update({key: value for key, value in named.items() if value is not None})
+    return overrides
+
+
+def pretrain_main(argv: list[str] | None = None) -> int:
+    """Run pretraining and print where the model went."""
+    options = parse_args(argv)
+    configure_logging()
     try:
-        overrides = parse_overrides(options.overrides)
-        overrides.update({key: value for key, value in named.items() if value is not None})
+        overrides = collect_overrides(options)
         model_spec, args = load_pretraining_config(options.config, overrides)
         from cellfoundry.training.loop import run_pretraining
 
