@@ -145,6 +145,7 @@ def finetune(spec: dict, setting: dict, mode: str, seed: int, out: Path, split: 
         f"seed={seed}",
         f"batch_size={args.batch_size}",
         f"learning_rate={args.learning_rate[mode]}",
+        f"head_learning_rate={args.head_lr}",
         f"eval_every={steps}",
         f"log_every={min(10, steps)}",
         f"allow_normalized={str(spec['allow_normalized']).lower()}",
@@ -333,9 +334,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--few-shot-steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr-lora", type=float, default=2e-3)
-    parser.add_argument("--lr-full", type=float, default=3e-4)
-    parser.add_argument("--lr-probe", type=float, default=5e-3)
+    parser.add_argument("--lr-lora", type=float, default=2e-4, help="adapters")
+    parser.add_argument("--lr-full", type=float, default=5e-5, help="encoder weights")
+    parser.add_argument("--lr-probe", type=float, default=5e-3, help="unused: nothing but the head")
+    parser.add_argument("--head-lr", type=float, default=5e-3, help="task head, every mode")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / NAME, help="run folders")
     parser.add_argument("--out", type=Path, default=RESULTS)

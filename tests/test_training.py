@@ -230,3 +230,22 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tmp_path, kind):
         assert torch.equal(left, right), name
     with pytest.raises(ValueError, match="already holds a run"):
         fit(tmp_path / "straight")
+
+
+def test_parameter_groups_give_a_prefix_its_own_learning_rate() -> None:
+    from torch import nn
+
+    from cellfoundry.training import parameter_groups
+
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(4, 4))
+    model.add_module("head", nn.Linear(4, 2))
+    groups = parameter_groups(model, 0.01, {"head.": 5e-3})
+    by_lr = {(g.get("lr"), g["weight_decay"]): {id(p) for p in g["params"]} for g in groups}
+    assert by_lr == {
+        (None, 0.01): {id(model.body.weight)},
+        (None, 0.0): {id(model.body.bias)},
+        (5e-3, 0.01): {id(model.head.weight)},
+        (5e-3, 0.0): {id(model.head.bias)},
+    }
+    assert len(parameter_groups(model, 0.01)) == 2  # no prefixes: the usual two groups

@@ -297,6 +297,9 @@ class FinetuningArgs(TrainingArgs):
         Seed of the split (only when the file is made).
     allow_normalized : bool
         Accept non-count input (e.g. MERFISH volume-normalised values); see the tokenizer.
+    head_learning_rate : float or None
+        Peak learning rate of the task head; ``None`` uses ``learning_rate``. A fresh head
+        needs a larger step than LoRA adapters or pretrained weights can take.
 
     Notes
     -----
@@ -324,11 +327,19 @@ class FinetuningArgs(TrainingArgs):
     drop_labels: list[str] = field(default_factory=list)
     split_seed: int = 0
     allow_normalized: bool = False
+    head_learning_rate: float | None = None
 
     def _validate(self) -> None:
         super()._validate()
         strategies = ("random", "holdout", "few_shot")
         _check(self.split_strategy in strategies, "split_strategy", self.split_strategy, strategies)
+        rate = self.head_learning_rate
+        _check(rate is None or rate > 0, "head_learning_rate", rate, "positive or null")
+
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        """Per-prefix learning rates for the optimizer (the head's, when set)."""
+        return {} if self.head_learning_rate is None else {"head.": self.head_learning_rate}
 
     @property
     def split_path(self) -> Path:

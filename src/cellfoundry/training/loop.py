@@ -321,6 +321,7 @@ def train(
         args.weight_decay,
         (args.adam_beta1, args.adam_beta2),
         args.adam_epsilon,
+        getattr(args, "learning_rates", None),
     )
     scheduler = build_scheduler(
         optimizer, args.lr_scheduler, args.num_warmup_steps, args.max_steps, args.min_lr_ratio

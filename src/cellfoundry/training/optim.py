@@ -11,6 +11,7 @@ backbone without listing module names.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -30,33 +31,46 @@ def decays(parameter: nn.Parameter) -> bool:
     return parameter.ndim >= 2 and not getattr(parameter, "_no_weight_decay", False)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split the trainable parameters into a decayed and a non-decayed AdamW group.
+def parameter_groups(
+    model: nn.Module, weight_decay: float, learning_rates: Mapping[str, float] | None = None
+) -> list[dict]:
+    """Split the trainable parameters into decayed and non-decayed AdamW groups.
 
     Parameters
     ----------
     model : nn.Module
         The model (tied weights appear once, as ``named_parameters`` deduplicates them).
     weight_decay : float
-        Decay of the first group.
+        Decay of the decayed groups.
+    learning_rates : mapping or None
+        ``{name prefix: learning rate}`` for parameters whose own learning rate differs
+        from the optimizer's (e.g. ``{"head.": 5e-3}``: a fresh task head learns at a rate
+        that would wreck pretrained weights); the first matching prefix wins.
 
     Returns
     -------
     list of dict
-        ``[{"params": [...], "weight_decay": weight_decay}, {"params": [...],
-        "weight_decay": 0.0}]``, empty groups left out.
+        AdamW groups: for the default rate and each prefix, one decayed group and one
+        with ``weight_decay`` 0 (``lr`` set on prefixed groups); empty groups left out.
     """
-    decayed, exempt = [], []
-    for _, parameter in model.named_parameters():
+    prefixes = dict(learning_rates or {})
+    buckets: dict[tuple[str | None, bool], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (decayed if decays(parameter) else exempt).append(parameter)
-    if not decayed and not exempt:
+            prefix = next((p for p in prefixes if name.startswith(p)), None)
+            buckets.setdefault((prefix, decays(parameter)), []).append(parameter)
+    if not buckets:
         raise ValueError("The model has no trainable parameters; nothing to optimise.")
-    groups = [
-        {"params": decayed, "weight_decay": weight_decay},
-        {"params": exempt, "weight_decay": 0.0},
-    ]
-    return [group for group in groups if group["params"]]
+    groups = []
+    for prefix in (None, *prefixes):
+        for decayed in (True, False):
+            params = buckets.get((prefix, decayed))
+            if params:
+                group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+                if prefix is not None:
+                    group["lr"] = prefixes[prefix]
+                groups.append(group)
+    return groups
 
 
 def build_optimizer(
@@ -65,9 +79,10 @@ def build_optimizer(
     weight_decay: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    learning_rates: Mapping[str, float] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`parameter_groups` (decoupled decay, no decay on biases and norms)."""
-    groups = parameter_groups(model, weight_decay)
+    groups = parameter_groups(model, weight_decay, learning_rates)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
 
 
