@@ -37,14 +37,22 @@ import os
 import platform
 import pstats
 import resource
-import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from cellfoundry._benchmarking import (
+    command_line,
+    cpu_model,
+    git_state,
+    package_version,
+    run_measured,
+    write_report,
+)
+from cellfoundry._io import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "_work"
@@ -66,14 +74,6 @@ MIB = 2**20
 
 
 # -- inputs ---------------------------------------------------------------------------------
-def sha256_file(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_cells_file(n_cells: int, seed: int, work: Path) -> dict:
     """Write ``n_cells`` Kang 2018 cells (seeded draw, input order kept) as an ``.h5ad``."""
     import anndata as ad
@@ -281,35 +281,6 @@ def _child(args: argparse.Namespace) -> None:
 
 
 # -- parent: launch, measure ----------------------------------------------------------------
-# Started from a small launcher that fork()s and exec()s the child and reads its rusage with
-# os.wait4: Linux carries the pre-exec address space's high-water mark into ru_maxrss, so a
-# child started straight from this process (torch imported: several hundred MiB) would report
-# that as a floor; the launcher's few MiB are the floor instead (launcher_vmhwm_bytes).
-LAUNCHER = r"""
-import json, os, sys, time
-log, cmd = sys.argv[1], sys.argv[2:]
-fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-start = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    try:
-        os.execv(cmd[0], cmd)
-    finally:
-        os._exit(127)
-_, status, usage = os.wait4(pid, 0)
-wall = time.perf_counter() - start
-print(json.dumps({
-    "wall": wall, "status": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss,
-    "utime": usage.ru_utime, "stime": usage.ru_stime,
-    "launcher_vmhwm_kib": int(
-        [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-    ),
-}))
-"""
-
-
 def run_side(side: str, data: dict, model_path: str, args: argparse.Namespace, work: Path) -> dict:
     """Run one side in a child; its JSON report plus wall time and ru_maxrss from wait4."""
     result_path = work / f"child_{side}.json"
@@ -323,15 +294,7 @@ def run_side(side: str, data: dict, model_path: str, args: argparse.Namespace, w
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     load_before = os.getloadavg()[0]
     print(f"{side}: running {data['n_cells']:,} cells ...", flush=True)
-    launched = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, str(log), *cmd], capture_output=True, text=True, env=env
-    )
-    if launched.returncode != 0:
-        raise RuntimeError(f"launcher failed:\n{launched.stderr[-3000:]}")
-    usage = json.loads(launched.stdout)
-    if usage["status"] != 0:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        raise RuntimeError(f"{side} child failed ({usage['status']}):\n{text[-3000:]}")
+    usage = run_measured(cmd, log, f"{side} child", env)
     result = json.loads(result_path.read_text())
     n = result["n_cells"]
     cpu = usage["utime"] + usage["stime"]
@@ -402,35 +365,14 @@ def token_counts(data: dict, batch_size: int) -> dict:
 
 
 # -- environment, report --------------------------------------------------------------------
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def environment(args: argparse.Namespace) -> dict:
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def git(*command: str) -> str:
-        return subprocess.run(
-            ["git", *command], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-
     sources = [ROOT / "src" / "cellfoundry" / "embedding.py"]
     sources += sorted((ROOT / "src" / "cellfoundry" / "models").rglob("*.py"))
     return {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
@@ -439,13 +381,12 @@ def environment(args: argparse.Namespace) -> dict:
         "device": "CPU only",
         "dtype": "float32",
         "versions": {
-            name: _version(name)
+            name: package_version(name)
             for name in ("cellfoundry", "torch", "transformers", "numpy", "anndata", "numba")
         },
-        "git_commit": git("rev-parse", "HEAD") or None,
-        "git_uncommitted_changes_under_src": bool(git("status", "--porcelain", "--", "src")),
+        **git_state(ROOT),
         "source_sha256": {str(p.relative_to(ROOT)): sha256_file(p)[:16] for p in sources},
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
     }
 
 
@@ -662,11 +603,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         "cells/CPU-s is less sensitive to that than cells/s. Rerun on an idle machine for "
         "figures to quote.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{args.name}.json"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     text = markdown(report)
-    json_path.with_suffix(".md").write_text(text)
+    write_report(json_path, report, text)
     print(text)
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     return report

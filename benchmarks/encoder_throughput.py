@@ -24,7 +24,6 @@ import argparse
 import copy
 import ctypes
 import hashlib
-import json
 import os
 import platform
 import statistics
@@ -37,7 +36,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from cellfoundry._io import atomic_write_text
+from cellfoundry._benchmarking import command_line, cpu_model, package_version, write_report
 from cellfoundry.models import (
     CellBertConfig,
     CellBertForMaskedGeneModeling,
@@ -447,40 +446,24 @@ def summarize(results: list[dict], sizes: list[str], modes: list[str]) -> dict[s
     return summary
 
 
-def package_version(name: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return None
-
-
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     """Versions, hardware, threads and dtype: what a reader needs to compare figures."""
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model() or platform.processor()
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": cpu_model,
+        "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "dtype": str(dtype).replace("torch.", ""),
         "versions": {
             name: package_version(name)
             for name in ("torch", "transformers", "peft", "cellfoundry", "flash-attn", "mamba-ssm")
         },
         "seed": SEED,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -621,8 +604,7 @@ def main(argv: list[str] | None = None) -> dict:
         "not_measured_summary": not_measured_summary(skipped, device),
     }
     output = args.output or RESULTS / f"encoder_throughput_{device.type}.json"
-    atomic_write_text(output, json.dumps(report, indent=2, default=str) + "\n")
-    atomic_write_text(output.with_suffix(".md"), markdown(report))
+    write_report(output, report, markdown(report))
     print(markdown(report))
     print(f"wrote {output} and {output.with_suffix('.md')}")
     return report

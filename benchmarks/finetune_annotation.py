@@ -38,13 +38,12 @@ import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import psutil
 
-from cellfoundry._io import atomic_write_text
+from cellfoundry._benchmarking import command_line, package_version, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -230,12 +229,6 @@ def summarise(runs: list[dict]) -> dict:
 def environment(args: argparse.Namespace) -> dict:
     import torch
 
-    def version(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -243,10 +236,11 @@ def environment(args: argparse.Namespace) -> dict:
         "threads_per_run": args.threads,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "versions": {
-            n: version(n) for n in ("torch", "transformers", "peft", "scikit-learn", "cellfoundry")
+            n: package_version(n)
+            for n in ("torch", "transformers", "peft", "scikit-learn", "cellfoundry")
         },
         "load_average_1min": os.getloadavg()[0],
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
         "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -385,8 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "runs": runs,
                 "summary": summarise(runs),
             }
-            atomic_write_text(output, json.dumps(report, indent=2, default=str) + "\n")
-            atomic_write_text(output.with_suffix(".md"), markdown(report))
+            write_report(output, report, markdown(report))
     print(markdown(report))
     print(f"wrote {output} and {output.with_suffix('.md')}")
     return report

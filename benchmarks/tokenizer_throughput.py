@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime as dt
-import hashlib
 import io
 import json
 import os
@@ -34,10 +33,18 @@ import shutil
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from cellfoundry._benchmarking import (
+    cpu_model,
+    git_state,
+    package_version,
+    run_measured,
+    write_report,
+)
+from cellfoundry._io import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "_work"
@@ -55,12 +62,6 @@ UNCHANGED_TOLERANCE = 1.10  # "unchanged": peak RSS at scale <= 1.10 x peak RSS 
 
 
 # -- input file -----------------------------------------------------------------------------
-def sha256_file(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_counts_file(n_cells: int, seed: int, source: Path = SOURCE) -> dict:
@@ -157,35 +158,6 @@ TOTAL_LINE = re.compile(
 )
 
 
-# The CLI is started from a small launcher that fork()s and exec()s it, then reads its rusage
-# with os.wait4. Linux carries the pre-exec address space's high-water mark into ru_maxrss,
-# so a child started straight from this (large) process would report this process's RSS as a
-# floor; the launcher's few MiB are the floor instead (its VmHWM: launcher_vmhwm_bytes).
-LAUNCHER = r"""
-import json, os, sys, time
-log, cmd = sys.argv[1], sys.argv[2:]
-fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-start = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    try:
-        os.execv(cmd[0], cmd)
-    finally:
-        os._exit(127)
-_, status, usage = os.wait4(pid, 0)
-wall = time.perf_counter() - start
-print(json.dumps({
-    "wall": wall, "status": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss,
-    "utime": usage.ru_utime, "stime": usage.ru_stime,
-    "launcher_vmhwm_kib": int(
-        [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-    ),
-}))
-"""
-
-
 def run_cli(path: Path, out_dir: Path, backend: str, tokenizer: str, label: str) -> dict:
     """Run ``cellfoundry tokenize`` in a child; wall time, printed summary, peak RSS (wait4)."""
     exe = Path(sys.executable).parent / "cellfoundry"
@@ -193,16 +165,9 @@ def run_cli(path: Path, out_dir: Path, backend: str, tokenizer: str, label: str)
     cmd += ["--backend", backend, "--no-progress", "--overwrite"]
     log = WORK / f"cli_{label}.log"
     load_before = os.getloadavg()[0]
-    launched = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, str(log), *cmd], capture_output=True, text=True
-    )
-    text = log.read_text(errors="replace") if log.exists() else ""
-    if launched.returncode != 0:
-        raise RuntimeError(f"launcher failed:\n{launched.stderr[-3000:]}")
-    usage = json.loads(launched.stdout)
+    usage = run_measured(cmd, log, " ".join(cmd))
+    text = log.read_text(errors="replace")
     wall = usage["wall"]
-    if usage["status"] != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({usage['status']}):\n{text[-3000:]}")
     match = TOTAL_LINE.search(text)
     if match is None:
         raise RuntimeError(f"no 'total:' line in the CLI output:\n{text[-3000:]}")
@@ -410,33 +375,15 @@ def profile_tokenize(path: Path, tokenizer_name: str, backend: str) -> dict:
 
 
 # -- environment ----------------------------------------------------------------------------
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def environment() -> dict:
     import numba
 
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
     return {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
@@ -444,7 +391,7 @@ def environment() -> dict:
         "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
         "numba_threads_default": numba.config.NUMBA_NUM_THREADS,
         "versions": {
-            name: _version(name)
+            name: package_version(name)
             for name in (
                 "cellfoundry",
                 "numpy",
@@ -457,15 +404,7 @@ def environment() -> dict:
                 "pandas",
             )
         },
-        "git_commit": commit or None,
-        "git_uncommitted_changes_under_src": bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--", "src"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-        ),
+        **git_state(ROOT),
         "source_sha256": {  # the code measured, as it was on disk at the start of this run
             str(p.relative_to(ROOT)): sha256_file(p)[:16]
             for p in sorted((ROOT / "src" / "cellfoundry" / "tokenization").glob("*.py"))
@@ -774,8 +713,6 @@ def main(argv: list[str] | None = None) -> int:
     table = tables(results)
     print()
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
     md = args.out.with_suffix(".md")
     env = results["environment"]
     header = (
@@ -786,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(seed {args.seed}, sha256 {data['sha256'][:12]}...). Helical's 3,020 cells/s is a "
         "peer figure, not measured in this run. Full record: `tokenizer_throughput.json`.\n\n"
     )
-    md.write_text(header + table + "\n")
+    write_report(args.out, results, header + table + "\n")
     print(f"\nwrote {args.out} and {md}")
     if not all(p["all_equal"] for p in results["parity"].values()):
         print("PARITY FAILED: the CLI's tokens differ from the reference", file=sys.stderr)

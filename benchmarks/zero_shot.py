@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
-import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from cellfoundry._benchmarking import command_line, git_state, package_version, write_report
+from cellfoundry._io import sha256_file
 from cellfoundry.evaluation.baselines import pca_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,14 +89,6 @@ DATASETS = {
 
 
 # -- data -----------------------------------------------------------------------------------
-def sha256_file(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_dataset(name: str, max_cells: int, seed: int):
     """Labelled cells (seeded draw of at most ``max_cells``): AnnData for the models, info."""
     import anndata as ad
@@ -406,20 +396,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def environment(args: argparse.Namespace) -> dict:
     import torch
-
-    def git(*command: str) -> str:
-        return subprocess.run(
-            ["git", *command], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
 
     return {
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -430,12 +408,11 @@ def environment(args: argparse.Namespace) -> dict:
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
         "versions": {
-            name: _version(name)
+            name: package_version(name)
             for name in ("cellfoundry", "torch", "transformers", "scikit-learn", "numpy")
         },
-        "git_commit": git("rev-parse", "HEAD") or None,
-        "git_uncommitted_changes_under_src": bool(git("status", "--porcelain", "--", "src")),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        **git_state(ROOT),
+        "command": command_line(),
     }
 
 
@@ -571,11 +548,9 @@ def main(argv: list[str] | None = None) -> dict:
         ],
         "seconds_total": round(time.perf_counter() - started, 1),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{args.name}.json"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     text = markdown(report)
-    json_path.with_suffix(".md").write_text(text)
+    write_report(json_path, report, text)
     print(text)
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     if not encoders:
