@@ -49,6 +49,16 @@ class Prediction(NamedTuple):
     classes: np.ndarray
     details: dict[str, Any]
 
+    @classmethod
+    def of(cls, classifier: Any, x_test: Any, details: dict[str, Any]) -> Prediction:
+        """Labels, probabilities and class order of a fitted scikit-learn classifier."""
+        return cls(
+            labels=classifier.predict(x_test),
+            probabilities=classifier.predict_proba(x_test),
+            classes=classifier.classes_,
+            details=details,
+        )
+
 
 # -- normalisation and gene selection ---------------------------------------------------------
 def log_normalize(x: Any, x_kind: str) -> np.ndarray | sp.csr_matrix:
@@ -262,12 +272,7 @@ def logistic_regression_hvg(
         "n_iter": int(np.max(model.n_iter_)),
         "converged": converged,
     }
-    return Prediction(
-        labels=model.predict(test_scaled),
-        probabilities=model.predict_proba(test_scaled),
-        classes=model.classes_,
-        details=details,
-    )
+    return Prediction.of(model, test_scaled, details)
 
 
 def knn_on_pca(
@@ -321,12 +326,7 @@ def knn_on_pca(
         "n_components": int(n),
         "k": int(n_neighbors),
     }
-    return Prediction(
-        labels=knn.predict(test_pcs),
-        probabilities=knn.predict_proba(test_pcs),
-        classes=knn.classes_,
-        details=details,
-    )
+    return Prediction.of(knn, test_pcs, details)
 
 
 # -- integration baseline ---------------------------------------------------------------------
