@@ -178,23 +178,14 @@ class MaskedGeneCollator:
             "attention_mask": _pad_stack([torch.ones_like(ids) for ids in cells], length, 0),
             "labels": _pad_stack(labels, length, IGNORE_INDEX),
         }
-        context = [feature.get("context_ids") for feature in features]
-        if any(ids is not None for ids in context):
-            empty: list[int] = []
-            rows = [torch.as_tensor(empty if i is None else i, dtype=torch.long) for i in context]
-            width = max(len(row) for row in rows)
-            batch["context_ids"] = _pad_stack(rows, width, self.pad_token_id)
+        context = context_batch(features, self.pad_token_id)
+        if context is not None:
+            batch["context_ids"] = context
         return batch
 
     # -- helpers ---------------------------------------------------------------------------
     def _cell_tensor(self, feature: Mapping[str, Any]) -> torch.Tensor:
-        ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-        if ids.ndim != 1 or len(ids) == 0:
-            raise ValueError(
-                f"input_ids must be a non-empty 1-D sequence (<cls> then genes), got shape "
-                f"{tuple(ids.shape)}; pass rows of a tokenized dataset."
-            )
-        return ids[: self.max_length] if self.max_length is not None else ids
+        return cell_ids(feature, self.max_length)
 
     def _cell_keys(self, features: Sequence[Mapping[str, Any]]) -> list[int]:
         if all("index" in feature for feature in features):
@@ -228,6 +219,28 @@ class MaskedGeneCollator:
         masked[selected[to_mask]] = self.mask_token_id
         masked[selected[to_random]] = random_genes[to_random]
         return masked, labels
+
+
+def cell_ids(feature: Mapping[str, Any], max_length: int | None) -> torch.Tensor:
+    """A cell's ``input_ids`` as a 1-D long tensor, cut to ``max_length`` (checked)."""
+    ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise ValueError(
+            f"input_ids must be a non-empty 1-D sequence (<cls> then genes), got shape "
+            f"{tuple(ids.shape)}; pass rows of a tokenized dataset."
+        )
+    return ids[:max_length] if max_length is not None else ids
+
+
+def context_batch(features: Sequence[Mapping[str, Any]], pad_token_id: int) -> torch.Tensor | None:
+    """(B, C) context ids padded with ``pad_token_id`` (which the models ignore); ``None``
+    when no cell has any."""
+    context = [feature.get("context_ids") for feature in features]
+    if all(ids is None for ids in context):
+        return None
+    empty: list[int] = []
+    rows = [torch.as_tensor(empty if i is None else i, dtype=torch.long) for i in context]
+    return _pad_stack(rows, max(len(row) for row in rows), pad_token_id)
 
 
 def padded_length(longest: int, multiple: int | None, max_length: int | None) -> int:
@@ -270,15 +283,7 @@ class CellBatchCollator:
         """``input_ids``/``attention_mask`` (B, L), ``context_ids`` (B, C), targets (B,)."""
         if not features:
             raise ValueError("Cannot collate an empty list of cells.")
-        cells = []
-        for feature in features:
-            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            if ids.ndim != 1 or len(ids) == 0:
-                raise ValueError(
-                    f"input_ids must be a non-empty 1-D sequence (<cls> then genes), got shape "
-                    f"{tuple(ids.shape)}; pass rows of a tokenized dataset."
-                )
-            cells.append(ids[: self.max_length] if self.max_length is not None else ids)
+        cells = [cell_ids(feature, self.max_length) for feature in features]
         length = padded_length(
             max(len(ids) for ids in cells), self.pad_to_multiple_of, self.max_length
         )
@@ -286,9 +291,9 @@ class CellBatchCollator:
             "input_ids": _pad_stack(cells, length, self.pad_token_id),
             "attention_mask": _pad_stack([torch.ones_like(ids) for ids in cells], length, 0),
         }
-        if all(feature.get("context_ids") is not None for feature in features):
-            rows = [torch.as_tensor(f["context_ids"], dtype=torch.long) for f in features]
-            batch["context_ids"] = _pad_stack(rows, max(len(r) for r in rows), self.pad_token_id)
+        context = context_batch(features, self.pad_token_id)
+        if context is not None:
+            batch["context_ids"] = context
         for name in self.target_columns:
             if all(name in feature for feature in features):
                 batch[name] = torch.as_tensor([int(f[name]) for f in features], dtype=torch.long)

@@ -211,11 +211,7 @@ def tokenize_to_arrow(
             bar.update(reader.n_obs - bar.n)
             bar.close()
             if writer is None:
-                raise ValueError(
-                    f"{name}: every cell was empty or had no vocabulary gene "
-                    f"({report.n_empty_dropped} empty, {report.n_no_vocab_gene_dropped} without "
-                    "vocabulary genes); nothing to tokenize. Check the matrix and the gene ids."
-                )
+                raise _nothing_tokenized(name, report)
         writer.close()
         writer = None
         tmp.replace(shard_path)
@@ -256,13 +252,17 @@ def tokenize_to_table(
                 rows = pa.array(block.rows.astype(np.int64))
                 batches.append(batch.append_column("row", rows))
     if not batches:
-        raise ValueError(
-            f"{name}: every cell was empty or had no vocabulary gene "
-            f"({report.n_empty_dropped} empty, {report.n_no_vocab_gene_dropped} without "
-            "vocabulary genes); nothing to tokenize. Check the matrix and the gene ids."
-        )
+        raise _nothing_tokenized(name, report)
     report.seconds = time.perf_counter() - start
     return pa.Table.from_batches(batches), report
+
+
+def _nothing_tokenized(name: str, report: TokenizeReport) -> ValueError:
+    return ValueError(
+        f"{name}: every cell was empty or had no vocabulary gene "
+        f"({report.n_empty_dropped} empty, {report.n_no_vocab_gene_dropped} without "
+        "vocabulary genes); nothing to tokenize. Check the matrix and the gene ids."
+    )
 
 
 def _check_keep_obs(obs: ObsTable, keep_obs: Sequence[str]) -> None:
