@@ -22,6 +22,7 @@ import numpy as np
 
 from cellfoundry._io import atomic_write_text
 from cellfoundry.tasks.base import TaskConfig, build_task_model, get_task
+from cellfoundry.tasks.card import write_task_card
 from cellfoundry.training.args import FinetuningArgs
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,10 @@ def run_finetuning(config: TaskConfig, args: FinetuningArgs) -> FinetuneResult:
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         atomic_write_text(output_dir / TEST_METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        # The weights were saved by the loop's final checkpoint; only the config and the card
+        # gain the test figures.
         config.metrics = task.card_metrics(metrics, args)
-        model.save_pretrained(output_dir)
+        config.save(output_dir)
+        write_task_card(model, output_dir)
     accelerator.wait_for_everyone()
     return FinetuneResult(output_dir, result.step, metrics)
