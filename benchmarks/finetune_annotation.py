@@ -7,6 +7,9 @@ everything scored on it:
 
 - three fine-tuning modes of the same base model, each a separate ``finetuning/finetune.py``
   process (so peak memory is that run's alone): ``lora``, ``full`` and ``linear_probe``;
+  ``full`` trains only the head for the first third of the steps, then everything at 1e-5
+  ("linear probe, then fine-tune"): of eight full fine-tuning settings tried on STARmap's
+  validation cells, the only one that did not end below the probe (finetuning/README.md);
 - the baselines, fitted on the same training cells by the runner in each process
   (``cellfoundry.evaluation.baselines``): L2 logistic regression on log-normalised HVGs and
   kNN (k=15) on PCA(50) of them.
@@ -154,6 +157,8 @@ def finetune(spec: dict, setting: dict, mode: str, seed: int, out: Path, split: 
         f"task.tuning={mode}",
         "task.balance_classes=true",
     ]
+    if mode == "full":  # linear probe, then fine-tune: see finetuning/README.md
+        command.append(f"head_only_steps={round(steps * args.full_head_only_share)}")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -167,13 +172,16 @@ def finetune(spec: dict, setting: dict, mode: str, seed: int, out: Path, split: 
     return {"metrics": metrics, "peak_rss_mib": round(peak, 1), "wall_s": round(seconds, 1)}
 
 
-def trainable_share(model: str) -> dict[str, float]:
-    """Share of parameters that train in each mode (head for 15 classes), same base model."""
-    from cellfoundry.tasks import AnnotationConfig, build_task_model
+def trainable_share(model: str, task: str = "annotation") -> dict[str, float]:
+    """Share of parameters that train in each mode (head for 15 classes and 3 batches)."""
+    from cellfoundry.tasks import TaskConfig, build_task_model
 
     shares = {}
+    names = {"labels": [str(i) for i in range(15)]}
+    if task == "integration":
+        names["batches"] = ["a", "b", "c"]
     for mode in MODES:
-        config = AnnotationConfig(base_model=model, tuning=mode, labels=[str(i) for i in range(15)])
+        config = TaskConfig.from_dict({"task": task, "base_model": model, "tuning": mode, **names})
         task_model = build_task_model(config)
         total = sum(p.numel() for p in task_model.parameters())
         trained = sum(p.numel() for p in task_model.parameters() if p.requires_grad)
@@ -329,7 +337,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--few-shot-steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr-lora", type=float, default=2e-4, help="adapters")
-    parser.add_argument("--lr-full", type=float, default=5e-5, help="encoder weights")
+    parser.add_argument("--lr-full", type=float, default=1e-5, help="encoder weights")
+    parser.add_argument(
+        "--full-head-only-share",
+        type=float,
+        default=1 / 3,
+        help="full mode: share of the steps in which only the head trains (LP-FT)",
+    )
     parser.add_argument("--lr-probe", type=float, default=5e-3, help="unused: nothing but the head")
     parser.add_argument("--head-lr", type=float, default=5e-3, help="task head, every mode")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")

@@ -162,6 +162,22 @@ def test_scheduler_warms_up_then_decays_to_the_floor():
         build_scheduler(optimizer, "cosine", 30, 20)
 
 
+def test_held_groups_start_their_schedule_late_while_the_others_train():
+    body, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([{"params": [body]}, {"params": [head], "lr": 2.0}], lr=1.0)
+    scheduler = build_scheduler(optimizer, "linear", 2, 10, held_groups=[0], held_steps=4)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr())
+        optimizer.step()
+        scheduler.step()
+    assert [r[0] for r in rates[:4]] == [0.0] * 4  # held: the encoder does not move
+    assert [r[0] for r in rates[4:7]] == pytest.approx([0.0, 0.5, 1.0])  # its own warm-up
+    assert [r[1] for r in rates[:3]] == pytest.approx([0.0, 1.0, 2.0])  # the head from step 0
+    with pytest.raises(ValueError, match="never train"):
+        build_scheduler(optimizer, "linear", 0, 10, held_groups=[0], held_steps=10)
+
+
 def test_masked_gene_counts_top1_and_top10():
     labels = torch.full((2, 4), -100)
     labels[0, 1], labels[1, 2], labels[1, 3] = 5, 7, 9

@@ -107,6 +107,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
     p.add_argument("--allow-normalized", action="store_true", help="accept non-count input")
+    p.add_argument("--score-key", help="obs column of true labels: print scores against it")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
@@ -137,14 +138,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         progress=not args.no_progress,
+        score_key=args.score_key,
         allow_normalized=args.allow_normalized,
     )
     _write_h5ad_atomically(adata, output)
     seconds = time.perf_counter() - start
+    scores = written.pop("scores", None)
     print(
         f"{model.config.task}: {adata.n_obs} cells -> {output} ({', '.join(written)}), "
         f"{seconds:.2f} s"
     )
+    if scores is not None:
+        print(
+            f"scores against obs[{args.score_key!r}]:", {k: round(v, 4) for k, v in scores.items()}
+        )
     return 0
 
 

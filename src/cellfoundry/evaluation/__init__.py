@@ -22,6 +22,7 @@ from cellfoundry.evaluation.integration import (
     lisi_from_neighbors,
     nearest_neighbors,
     nmi_ari,
+    paired_half_sample_differences,
 )
 
 __all__ = [
@@ -41,5 +42,6 @@ __all__ = [
     "nearest_neighbors",
     "nmi_ari",
     "paired_bootstrap",
+    "paired_half_sample_differences",
     "per_class_f1",
 ]

@@ -275,6 +275,24 @@ def logistic_regression_hvg(
     return Prediction.of(model, test_scaled, details)
 
 
+def pca_projection(
+    x_train: Any, x_test: Any, x_kind: str, n_hvg: int = 2000, n_comps: int = 50, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """PCA of log-normalised HVGs fitted on the training cells; the test cells projected.
+
+    Returns (train scores, test scores, HVG column indices, components). A test set must not
+    shape the space it is scored in, just as a reference atlas is fixed before queries arrive.
+    """
+    from sklearn.decomposition import PCA
+
+    train, test, genes = _train_features(x_train, x_test, x_kind, n_hvg)
+    if sp.issparse(train):  # PCA centres the data, which a sparse matrix cannot hold anyway
+        train, test = train.toarray(), test.toarray()
+    n = min(n_comps, len(genes), train.shape[0] - 1)
+    pca = PCA(n_components=n, svd_solver="full", random_state=seed).fit(train)
+    return pca.transform(train), pca.transform(test), genes, n
+
+
 def knn_on_pca(
     x_train: Any,
     y_train: Sequence[Any],
@@ -305,19 +323,13 @@ def knn_on_pca(
     Prediction
         Majority label of the ``k`` training neighbours; probabilities are neighbour fractions.
     """
-    from sklearn.decomposition import PCA
     from sklearn.neighbors import KNeighborsClassifier
 
     y = _labels(y_train, x_train.shape[0])
-    train, test, genes = _train_features(x_train, x_test, x_kind, n_hvg)
-    if sp.issparse(train):  # PCA centres the data, which a sparse matrix cannot hold anyway
-        train, test = train.toarray(), test.toarray()
-    n = min(n_comps, len(genes), train.shape[0] - 1)
-    pca = PCA(n_components=n, svd_solver="full", random_state=seed).fit(train)
-    n_neighbors = min(k, train.shape[0])
+    train_pcs, test_pcs, genes, n = pca_projection(x_train, x_test, x_kind, n_hvg, n_comps, seed)
+    n_neighbors = min(k, train_pcs.shape[0])
     knn = KNeighborsClassifier(n_neighbors=n_neighbors, metric="euclidean")
-    knn.fit(pca.transform(train), y)
-    test_pcs = pca.transform(test)
+    knn.fit(train_pcs, y)
     details = {
         "steps": "log1p(normalize_total 1e4) -> Seurat HVG (train cells) -> PCA (train cells; "
         f"test projected) -> kNN (k={n_neighbors}, Euclidean)",

@@ -323,3 +323,72 @@ def integration_scores(
         ),
         graph_connectivity=_graph_connectivity(indices[:, :n_neighbors], label_codes),
     )
+
+
+AGGREGATES = ("total", "bio", "batch")
+
+
+def paired_half_sample_differences(
+    embedding_a: np.ndarray,
+    embedding_b: np.ndarray,
+    labels: Sequence[Any],
+    batches: Sequence[Any],
+    draws: int = 30,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``score(a) - score(b)`` for ``total``, ``bio`` and ``batch``, with a paired 95% interval.
+
+    The cell bootstrap used for annotation does not suit these metrics: resampling with
+    replacement puts copies of a cell at distance 0 from each other, which inflates LISI,
+    silhouettes and graph connectivity. Instead each draw takes half of the cells without
+    replacement (the delete-d jackknife with d = n/2, Shao & Wu 1989) and scores both
+    embeddings on the same half. For a mean-like statistic the spread of half-sample values
+    around the full-sample value equals the full sample's standard error, so the interval is
+    ``value - quantile(half - value, [0.975, 0.025])``. Neighbourhood metrics are not means,
+    so the interval is approximate; pairing makes the shared neighbourhood-size change cancel
+    in the difference.
+
+    Parameters
+    ----------
+    embedding_a, embedding_b : numpy.ndarray
+        (cells, dims) embeddings of the same cells in the same order (dims may differ).
+    labels, batches : sequence
+        Cell labels and batches.
+    draws, seed : int
+        Half-samples and the seed that fixes them.
+
+    Returns
+    -------
+    dict
+        ``{"a": IntegrationScores, "b": IntegrationScores, "total": PairedDifference, ...}``.
+    """
+    from cellfoundry.evaluation.classification import PairedDifference
+
+    labels_arr, batches_arr = np.asarray(labels), np.asarray(batches)
+    n_cells = len(labels_arr)
+    if not len(embedding_a) == len(embedding_b) == n_cells == len(batches_arr):
+        raise ValueError(
+            f"embedding_a ({len(embedding_a)}), embedding_b ({len(embedding_b)}), labels "
+            f"({n_cells}) and batches ({len(batches_arr)}) must describe the same cells."
+        )
+    full_a = integration_scores(embedding_a, labels_arr, batches_arr, seed=seed)
+    full_b = integration_scores(embedding_b, labels_arr, batches_arr, seed=seed)
+    values = {name: getattr(full_a, name) - getattr(full_b, name) for name in AGGREGATES}
+    rng = np.random.default_rng(seed)
+    halves: dict[str, list[float]] = {name: [] for name in AGGREGATES}
+    for _ in range(draws):
+        pick = np.sort(rng.choice(n_cells, n_cells // 2, replace=False))
+        if np.unique(labels_arr[pick]).size < 2 or np.unique(batches_arr[pick]).size < 2:
+            continue
+        a = integration_scores(embedding_a[pick], labels_arr[pick], batches_arr[pick], seed=seed)
+        b = integration_scores(embedding_b[pick], labels_arr[pick], batches_arr[pick], seed=seed)
+        for name in AGGREGATES:
+            halves[name].append(getattr(a, name) - getattr(b, name))
+    result: dict[str, Any] = {"a": full_a, "b": full_b}
+    for name, value in values.items():
+        deviations = np.asarray(halves[name]) - value
+        if deviations.size == 0:
+            raise ValueError("No half-sample kept two labels and two batches; add cells.")
+        upper, lower = np.quantile(deviations, [0.975, 0.025])
+        result[name] = PairedDifference(float(value), (float(value - upper), float(value - lower)))
+    return result

@@ -1,7 +1,7 @@
 """Downstream tasks on pretrained encoders: task heads, LoRA fine-tuning, prediction.
 
 ``TaskModel(backbone, pooler, head)`` is written once for every backbone; each task
-(``annotation``, ...) registers its config, head, targets and scores in ``TASKS``.
+(``annotation``, ``integration``) registers its config, head, targets and scores in ``TASKS``.
 ``run_finetuning`` trains one (what ``cellfoundry finetune`` runs), ``load_task_model`` loads
 it back in one call, and ``predict`` writes its output into an AnnData.
 """
@@ -19,6 +19,7 @@ from cellfoundry.tasks.base import (
     register_task,
 )
 from cellfoundry.tasks.finetune import FinetuneResult, run_finetuning
+from cellfoundry.tasks.integration import IntegrationConfig, IntegrationHead, IntegrationTask
 from cellfoundry.tasks.predict import predict
 from cellfoundry.tasks.splits import LabelSplit, make_split
 
@@ -28,6 +29,9 @@ __all__ = [
     "AnnotationTask",
     "ClassificationHead",
     "FinetuneResult",
+    "IntegrationConfig",
+    "IntegrationHead",
+    "IntegrationTask",
     "LabelSplit",
     "Task",
     "TaskConfig",

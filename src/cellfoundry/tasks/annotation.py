@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional
 
 from cellfoundry.tasks.base import Task, TaskConfig, TaskOutput, register_task
+from cellfoundry.tasks.heads import FixedWhitening
 
 PREDICTION_KEY = "cellfoundry_prediction"
 CONFIDENCE_KEY = "cellfoundry_confidence"
@@ -57,21 +58,11 @@ class AnnotationConfig(TaskConfig):
 
 
 class ClassificationHead(nn.Module):
-    """Whiten, dropout, then a linear layer (or a two-layer MLP); cross-entropy loss.
+    """Whiten (:class:`~cellfoundry.tasks.heads.FixedWhitening`, fitted on the training cells
+    before training), dropout, then a linear layer (or a two-layer MLP); cross-entropy loss.
 
-    Pooled cell vectors of a pretrained encoder share one dominant direction and differ across
-    cells by little: on STARmap, cellfoundry-tiny-bert's ``<cls>`` vectors have norm ~11,
-    per-feature sd ~0.02, and covariance eigenvalues spread over five orders of magnitude. A
-    linear head trained by AdamW on them barely learns in a fine-tuning budget (150 steps:
-    training loss 2.06, held-out-slice macro-F1 0.14 with per-feature standardisation). The
-    head therefore whitens (ZCA, ridge 1% of the mean eigenvalue) with the mean and
-    covariance of the *training cells'* vectors under the starting encoder
-    (:meth:`set_whitening`, called once before training), then keeps the map fixed: an
-    affine reparametrisation the linear layer can absorb as LoRA moves the encoder (same
-    probe: loss 1.19, macro-F1 0.40). Caveat: this choice was made looking at STARmap's
-    held-out slice, so STARmap figures are not clean of it. BatchNorm was tried first: its
-    running statistics lag a moving encoder by more than these spreads, and validation
-    predictions collapsed while the training loss fell.
+    Caveat: whitening was chosen looking at STARmap's held-out slice (see
+    :mod:`cellfoundry.tasks.heads`), so STARmap figures are not clean of that choice.
     """
 
     def __init__(self, config: AnnotationConfig, hidden_size: int) -> None:
@@ -82,8 +73,7 @@ class ClassificationHead(nn.Module):
                 "column and the split."
             )
         n_classes = len(config.labels)
-        self.register_buffer("center", torch.zeros(hidden_size))
-        self.register_buffer("whitening", torch.eye(hidden_size))
+        self.whitening = FixedWhitening(hidden_size)
         self.dropout = nn.Dropout(config.head_dropout)
         if config.head_hidden_size:
             width = config.head_hidden_size
@@ -97,28 +87,11 @@ class ClassificationHead(nn.Module):
             weights = torch.tensor(config.class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
 
-    @torch.no_grad()
-    def set_whitening(self, vectors: torch.Tensor, ridge: float = 0.01) -> None:
-        """Fix the centre and the ZCA map from (cells, D) training vectors.
-
-        ``W = U diag(1 / sqrt(lambda + ridge * mean(lambda))) U^T`` from the eigenvectors of
-        the covariance (float64); the ridge keeps near-zero directions from being blown up.
-        """
-        data = vectors.double()
-        center = data.mean(dim=0)
-        covariance = torch.cov((data - center).T)
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-        eigenvalues = eigenvalues.clamp(min=0)
-        inverse_sd = (eigenvalues + ridge * eigenvalues.mean()).rsqrt()
-        self.center.copy_(center)
-        self.whitening.copy_(eigenvectors @ torch.diag(inverse_sd) @ eigenvectors.T)
-
     def forward(
         self, vectors: torch.Tensor, labels: torch.Tensor | None = None, **_: Any
     ) -> TaskOutput:
         """(B, D) cell vectors -> (B, K) logits; loss when ``labels`` (B,) are given."""
-        whitened = (vectors - self.center) @ self.whitening
-        logits = self.classifier(self.dropout(whitened))
+        logits = self.classifier(self.dropout(self.whitening(vectors)))
         loss = None
         if labels is not None:
             loss = functional.cross_entropy(logits.float(), labels, weight=self.class_weights)
@@ -189,6 +162,36 @@ class AnnotationTask(Task):
             adata.uns[CLASSES_KEY] = classes
         return {"labels": labels, "probabilities": probabilities, "classes": classes}
 
+    @classmethod
+    def check_score_labels(cls, adata: Any, config: TaskConfig, label_key: str) -> None:
+        """The column exists and holds no label the model was not trained on."""
+        super().check_score_labels(adata, config, label_key)
+        present = set(adata.obs[label_key].dropna().astype(str))
+        unseen = sorted(present - set(config.labels))
+        if unseen:
+            raise ValueError(
+                f"obs[{label_key!r}] holds label(s) the model was not trained on: {unseen}; it "
+                f"can only predict {config.labels}. Score only cells of those labels (subset "
+                "the AnnData), or fine-tune a model that includes them."
+            )
+
+    @classmethod
+    def score_predictions(
+        cls, adata: Any, config: TaskConfig, written: dict[str, Any], label_key: str
+    ) -> dict[str, float]:
+        """Macro-F1 and accuracy over the cells that were predicted and have a label."""
+        from cellfoundry.evaluation import accuracy, macro_f1
+
+        truth = adata.obs[label_key].astype(object).to_numpy()
+        predicted = np.asarray(written["labels"].astype(object))
+        keep = ~(adata.obs[label_key].isna().to_numpy() | written["labels"].isna())
+        truth, predicted = truth[keep].astype(str), predicted[keep].astype(str)
+        return {
+            "macro_f1": macro_f1(truth, predicted),
+            "accuracy": accuracy(truth, predicted),
+            "n_cells": int(keep.sum()),
+        }
+
     # -- fine-tuning runner hooks ----------------------------------------------------------
     @classmethod
     def add_targets(
@@ -214,15 +217,6 @@ class AnnotationTask(Task):
         if config.balance_classes:
             codes = np.asarray(dataset.select(train_positions)["labels"], dtype=np.int64)
             config.class_weights = balanced_class_weights(codes, len(config.labels))
-
-    @classmethod
-    @torch.no_grad()
-    def prepare_head(cls, model: nn.Module, loader: Any) -> None:
-        """Whiten the head with the training cells' vectors under the starting encoder."""
-        model.eval()
-        vectors = [model.encode(**{k: v for k, v in b.items() if k != "labels"}) for b in loader]
-        model.head.set_whitening(torch.cat(vectors))
-        model.train()
 
     @classmethod
     def score_test(

@@ -69,6 +69,7 @@ def predict(
     batch_size: int = 32,
     device: str | None = None,
     progress: bool = True,
+    score_key: str | None = None,
     **tokenize_options: Any,
 ) -> dict[str, Any]:
     """Predict with a fine-tuned task model and write the result into ``adata``.
@@ -81,6 +82,10 @@ def predict(
         A task model or the folder it was saved in.
     batch_size, device, progress
         As for ``cellfoundry.embed``.
+    score_key : str or None
+        ``obs`` column of true labels: the result then also holds ``scores`` (annotation:
+        macro-F1 and accuracy; integration: scIB-style metrics). Checked before anything
+        runs: a label the annotation model never saw raises ``ValueError`` naming it.
     **tokenize_options
         Passed to the tokenizer (``allow_normalized=True`` for non-count input).
 
@@ -94,6 +99,11 @@ def predict(
 
     if isinstance(model, (str, Path)):
         model = load_task_model(model, device)
+    task = get_task(model.config.task)
+    if score_key is not None:
+        task.check_score_labels(adata, model.config, score_key)
     vectors = cell_vectors(adata, model, batch_size, device, progress, **tokenize_options)
-    outputs = head_outputs(model, vectors)
-    return get_task(model.config.task).write_predictions(adata, model.config, outputs)
+    written = task.write_predictions(adata, model.config, head_outputs(model, vectors))
+    if score_key is not None:
+        written["scores"] = task.score_predictions(adata, model.config, written, score_key)
+    return written

@@ -300,6 +300,11 @@ class FinetuningArgs(TrainingArgs):
     head_learning_rate : float or None
         Peak learning rate of the task head; ``None`` uses ``learning_rate``. A fresh head
         needs a larger step than LoRA adapters or pretrained weights can take.
+    head_only_steps : int
+        Steps at the start in which only the head trains (the encoder's learning rate is 0,
+        then its warm-up and decay run over the remaining steps): "linear probe, then
+        fine-tune" (Kumar et al. 2022), so a random head's gradients do not distort the
+        pretrained encoder first. Needs ``head_learning_rate``.
 
     Notes
     -----
@@ -328,6 +333,7 @@ class FinetuningArgs(TrainingArgs):
     split_seed: int = 0
     allow_normalized: bool = False
     head_learning_rate: float | None = None
+    head_only_steps: int = 0
 
     def _validate(self) -> None:
         super()._validate()
@@ -335,6 +341,14 @@ class FinetuningArgs(TrainingArgs):
         _check(self.split_strategy in strategies, "split_strategy", self.split_strategy, strategies)
         rate = self.head_learning_rate
         _check(rate is None or rate > 0, "head_learning_rate", rate, "positive or null")
+        held = self.head_only_steps
+        _check(held >= 0, "head_only_steps", held, "0 or more")
+        _check(
+            held == 0 or rate is not None,
+            "head_only_steps",
+            held,
+            "0 unless head_learning_rate is set (the head's own group trains meanwhile)",
+        )
 
     @property
     def learning_rates(self) -> dict[str, float]:

@@ -323,8 +323,15 @@ def train(
         args.adam_epsilon,
         getattr(args, "learning_rates", None),
     )
+    held_steps = getattr(args, "head_only_steps", 0)
     scheduler = build_scheduler(
-        optimizer, args.lr_scheduler, args.num_warmup_steps, args.max_steps, args.min_lr_ratio
+        optimizer,
+        args.lr_scheduler,
+        args.num_warmup_steps,
+        args.max_steps,
+        args.min_lr_ratio,
+        held_groups=[i for i, g in enumerate(optimizer.param_groups) if not g["prefix"]],
+        held_steps=held_steps,
     )
     epoch_setters = [train_loader.batch_sampler]
     if hasattr(collator, "set_epoch"):

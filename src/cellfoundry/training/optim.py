@@ -10,8 +10,9 @@ backbone without listing module names.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -66,7 +67,11 @@ def parameter_groups(
         for decayed in (True, False):
             params = buckets.get((prefix, decayed))
             if params:
-                group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+                group = {
+                    "params": params,
+                    "weight_decay": weight_decay if decayed else 0.0,
+                    "prefix": prefix or "",  # which parameters: "" = those at the default rate
+                }
                 if prefix is not None:
                     group["lr"] = prefixes[prefix]
                 groups.append(group)
@@ -92,6 +97,8 @@ def build_scheduler(
     num_warmup_steps: int,
     num_training_steps: int,
     min_lr_ratio: float = 0.0,
+    held_groups: Sequence[int] = (),
+    held_steps: int = 0,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warm-up then cosine, linear or no decay (transformers' ``get_scheduler``).
 
@@ -105,6 +112,10 @@ def build_scheduler(
         In optimizer steps (after gradient accumulation), not batches.
     min_lr_ratio : float
         Cosine only: decay to this share of the peak instead of 0.
+    held_groups, held_steps : sequence of int, int
+        Optimizer groups whose learning rate stays 0 for the first ``held_steps`` steps and
+        then follows the schedule from its start (warm-up included): the encoder in
+        "linear probe, then fine-tune" (Kumar et al. 2022), while the head trains throughout.
 
     Returns
     -------
@@ -124,10 +135,36 @@ def build_scheduler(
         name, extra = "cosine_with_min_lr", {"min_lr_rate": min_lr_ratio}
     elif min_lr_ratio > 0:
         logger.warning("min_lr_ratio only applies to cosine; ignored for %s.", schedule)
-    return get_scheduler(
+    scheduler = get_scheduler(
         name,
         optimizer,
         num_warmup_steps=num_warmup_steps,
         num_training_steps=num_training_steps,
         scheduler_specific_kwargs=extra or None,
     )
+    if held_steps > 0 and held_groups:
+        if held_steps >= num_training_steps:
+            raise ValueError(
+                f"The encoder is held for {held_steps} of {num_training_steps} steps and would "
+                "never train; lower head_only_steps or raise max_steps."
+            )
+        remaining = num_training_steps - held_steps
+        # The delayed schedule's shape comes from transformers on a throwaway optimizer (it
+        # sets the learning rates of the optimizer it is given).
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        late = get_scheduler(
+            name,
+            dummy,
+            num_warmup_steps=min(num_warmup_steps, remaining),
+            num_training_steps=remaining,
+            scheduler_specific_kwargs=extra or None,
+        ).lr_lambdas[0]
+        for index in held_groups:
+            scheduler.lr_lambdas[index] = functools.partial(_after, late, held_steps)
+            optimizer.param_groups[index]["lr"] = 0.0
+    return scheduler
+
+
+def _after(schedule: Callable[[int], float], delay: int, step: int) -> float:
+    """``schedule`` started ``delay`` steps late: 0 until then."""
+    return 0.0 if step < delay else schedule(step - delay)
