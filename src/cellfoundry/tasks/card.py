@@ -27,6 +27,9 @@ def render_task_card(config: Any, name: str) -> str:
     )
     labels = getattr(config, "labels", None)
     label_line = f"\n\nLabels ({len(labels)}): {', '.join(labels)}." if labels else ""
+    batches = getattr(config, "batches", None)
+    if batches:
+        label_line += f" Trained to remove batches ({len(batches)}): {', '.join(batches)}."
     training = metrics.get("training", "not recorded")
     body = f"""
 # {name}
