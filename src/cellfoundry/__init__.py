@@ -27,6 +27,8 @@ _LAZY = {
     "check_tokenizer_compatible": "cellfoundry.models",
     "add_lora": "cellfoundry.adapters",
     "embed": "cellfoundry.embedding",
+    "in_silico_perturbation": "cellfoundry.in_silico",
+    "TargetState": "cellfoundry.in_silico",
     "model_path": "cellfoundry.hub",
     "shipped_models": "cellfoundry.hub",
 }

@@ -113,6 +113,63 @@ def _add_finetune(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def _add_perturb(sub) -> None:
+    p = sub.add_parser(
+        "perturb",
+        help="in-silico perturbation: delete or overexpress genes in each cell's rank tokens",
+    )
+    p.add_argument("input", help=".h5ad with raw counts")
+    p.add_argument("output_dir", help="run folder (resumable): genes.tsv, cells.tsv.gz, ...")
+    p.add_argument("--genes", nargs="+", required=True, help="symbols or Ensembl ids")
+    p.add_argument("--mode", choices=["delete", "overexpress"], default="delete")
+    p.add_argument("--model", default="cellfoundry-tiny-bert")
+    p.add_argument(
+        "--target",
+        nargs=3,
+        metavar=("OBS_KEY", "SOURCE", "TARGET"),
+        help="perturb the SOURCE cells and score moves toward the TARGET cells' state",
+    )
+    p.add_argument("--max-cells", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--pooling", choices=["mean", "cls"], default="mean")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-normalized", action="store_true", help="accept non-count input")
+    p.add_argument("--overwrite", action="store_true", help="start the folder's run again")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_perturb)
+
+
+def cmd_perturb(args: argparse.Namespace) -> int:
+    from cellfoundry.in_silico import TargetState, in_silico_perturbation
+
+    source = Path(args.input)
+    if not source.exists():
+        raise ValueError(f"Input file {source} does not exist; check the path.")
+    result = in_silico_perturbation(
+        source,
+        args.genes,
+        args.output_dir,
+        model=args.model,
+        mode=args.mode,
+        target=TargetState(*args.target) if args.target else None,
+        max_cells=args.max_cells,
+        batch_size=args.batch_size,
+        pooling=args.pooling,
+        max_length=args.max_length,
+        device=args.device,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        allow_normalized=args.allow_normalized,
+    )
+    columns = ["gene", "n_cells", "cell_shift_mean", "target_shift_mean"]
+    print(result.genes[columns].to_string(index=False))
+    print(f"wrote {args.output_dir}/genes.tsv, cells.tsv.gz and affected.tsv")
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from cellfoundry.tasks.entry import finetune_main
 
@@ -186,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(sub)
     _add_pretrain(sub)
     _add_finetune(sub)
+    _add_perturb(sub)
     _add_misc(sub)
     return parser
 
