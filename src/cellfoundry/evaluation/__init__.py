@@ -1,4 +1,5 @@
-"""Metrics shared by tests and benchmarks: annotation, scIB-style integration, embeddings.
+"""Metrics shared by tests and benchmarks: annotation, scIB-style integration, embeddings,
+perturbation responses.
 
 numpy, scipy and scikit-learn only: importing this package never imports torch.
 """
@@ -24,6 +25,7 @@ from cellfoundry.evaluation.integration import (
     nmi_ari,
     paired_half_sample_differences,
 )
+from cellfoundry.evaluation.perturbation import perturbation_metrics
 
 __all__ = [
     "IntegrationScores",
@@ -44,4 +46,5 @@ __all__ = [
     "paired_bootstrap",
     "paired_half_sample_differences",
     "per_class_f1",
+    "perturbation_metrics",
 ]
