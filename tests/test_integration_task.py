@@ -20,7 +20,7 @@ from cellfoundry.tasks import (
     predict,
     run_finetuning,
 )
-from cellfoundry.tasks.heads import FixedWhitening, reverse_gradient
+from cellfoundry.tasks.heads import FixedWhitening
 from cellfoundry.training import FinetuningArgs
 
 TYPES = ("Astro", "Endo", "eL2/3", "Oligo")
@@ -128,12 +128,17 @@ def test_integration_head_trains_the_tuned_parameters_and_save_load_is_exact(
     assert torch.equal(before, after)
 
 
-def test_gradient_reversal_flips_only_what_flows_back() -> None:
-    inputs = torch.tensor([1.0, -2.0], requires_grad=True)
-    out = reverse_gradient(inputs, 0.5)
-    assert torch.equal(out, inputs)
-    (out * torch.tensor([3.0, 4.0])).sum().backward()
-    assert torch.equal(inputs.grad, torch.tensor([-1.5, -2.0]))
+def test_confusion_moves_the_embedding_but_never_the_discriminator(base_models) -> None:
+    config = IntegrationConfig(
+        base_model=base_models["bert"], labels=["a", "b"], batches=["x", "y"], head_dropout=0
+    )
+    head = build_task_model(config).head
+    embedding = torch.randn(6, config.embedding_size, requires_grad=True)
+    loss = head.confusion(embedding)
+    loss.backward()
+    assert loss.item() >= np.log(2) - 1e-6  # bounded below: uniform over 2 batches
+    assert embedding.grad.abs().sum() > 0
+    assert all(p.grad is None for p in head.batch_discriminator.parameters())
 
 
 def test_fixed_whitening_whitens_the_training_vectors_and_none_only_centres() -> None:

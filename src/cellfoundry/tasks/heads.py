@@ -1,4 +1,4 @@
-"""Pieces every task head shares: fixed whitening of pooled cell vectors, gradient reversal.
+"""What every task head shares: fixed whitening of pooled cell vectors.
 
 Pooled cell vectors of a pretrained encoder share one dominant direction and differ across
 cells by little: on STARmap, cellfoundry-tiny-bert's ``<cls>`` vectors have norm ~11,
@@ -19,8 +19,6 @@ encoders move every weight, and the amplified changes swamp the head (see
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -59,26 +57,3 @@ class FixedWhitening(nn.Module):
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
         return (vectors - self.center) @ self.matrix
-
-
-class _ReverseGradient(torch.autograd.Function):
-    """Identity forward; the gradient is multiplied by ``-weight`` backward (Ganin & Lempitsky
-    2015). Written here because torch has no built-in op for it."""
-
-    @staticmethod
-    def forward(ctx: Any, inputs: torch.Tensor, weight: float) -> torch.Tensor:
-        ctx.weight = weight
-        return inputs.view_as(inputs)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return -ctx.weight * grad, None
-
-
-def reverse_gradient(inputs: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """Pass ``inputs`` through; flip (and scale by ``weight``) the gradient flowing back.
-
-    Whatever sits after it learns to minimise its loss, whatever sits before it learns to
-    maximise that loss: the adversarial game of domain-adversarial training.
-    """
-    return _ReverseGradient.apply(inputs, weight)
