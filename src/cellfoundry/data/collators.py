@@ -272,12 +272,16 @@ class CellBatchCollator:
     target_columns : tuple of str
         Per-cell integer fields copied into the batch as (B,) long tensors (e.g. ``labels``
         for annotation, ``batch_labels`` for integration) when the cells have them.
+    vector_columns : tuple of str
+        Per-cell float vectors copied as (B, G) float32 tensors (``response``: the
+        perturbation task's target change of expression) when the cells have them.
     """
 
     pad_token_id: int = 0
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
-    target_columns: tuple[str, ...] = ("labels", "batch_labels")
+    target_columns: tuple[str, ...] = ("labels", "batch_labels", "perturbation_ids")
+    vector_columns: tuple[str, ...] = ("response",)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """``input_ids``/``attention_mask`` (B, L), ``context_ids`` (B, C), targets (B,)."""
@@ -297,4 +301,8 @@ class CellBatchCollator:
         for name in self.target_columns:
             if all(name in feature for feature in features):
                 batch[name] = torch.as_tensor([int(f[name]) for f in features], dtype=torch.long)
+        for name in self.vector_columns:
+            if all(name in feature for feature in features):
+                vectors = np.asarray([f[name] for f in features], dtype=np.float32)
+                batch[name] = torch.from_numpy(vectors)
         return batch

@@ -21,6 +21,7 @@ additive or a linear baseline; Kernfeld et al. 2024: the train mean is hard to b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,27 +62,41 @@ def additive_shift(
     return _mean(heldout_control) + (perturbed - control).mean(axis=0)
 
 
-def pca_latent_arithmetic(
-    train_control: Any, train_perturbed: Any, heldout_control: Any, n_comps: int = 50, seed: int = 0
-) -> np.ndarray:
+def latent_arithmetic_predictor(
+    train_control: Any, train_perturbed: Any, n_comps: int = 50, seed: int = 0
+) -> Callable[[np.ndarray], np.ndarray]:
     """scGen-style arithmetic in a PCA space fitted on the training cells (both conditions).
 
     ``delta = mean PC(perturbed training cells) - mean PC(control training cells)``; the
-    prediction is ``inverse_pca(mean PC(held-out control cells) + delta)``. Cells, not group
-    means, so large groups weigh more, as in scGen.
+    returned function maps the held-out control cells' mean profile ``m`` to
+    ``inverse_pca(pca(m) + delta)`` (PCA is linear, so the mean of the cells' coordinates is
+    the coordinates of their mean). Cells, not group means, set ``delta``: large groups weigh
+    more, as in scGen.
     """
     from sklearn.decomposition import PCA
 
-    dense = [
+    control, perturbed = (
         np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
-        for x in (train_control, train_perturbed, heldout_control)
-    ]
-    train = np.vstack(dense[:2])
+        for x in (train_control, train_perturbed)
+    )
+    train = np.vstack([control, perturbed])
     n = min(n_comps, train.shape[0] - 1, train.shape[1])
     pca = PCA(n_components=n, svd_solver="full", random_state=seed).fit(train)
-    delta = pca.transform(dense[1]).mean(axis=0) - pca.transform(dense[0]).mean(axis=0)
-    latent = pca.transform(dense[2]).mean(axis=0) + delta
-    return pca.inverse_transform(latent[None])[0]
+    delta = pca.transform(perturbed).mean(axis=0) - pca.transform(control).mean(axis=0)
+
+    def predict(heldout_control_mean: np.ndarray) -> np.ndarray:
+        latent = pca.transform(np.asarray(heldout_control_mean, dtype=np.float64)[None])[0]
+        return pca.inverse_transform((latent + delta)[None])[0]
+
+    return predict
+
+
+def pca_latent_arithmetic(
+    train_control: Any, train_perturbed: Any, heldout_control: Any, n_comps: int = 50, seed: int = 0
+) -> np.ndarray:
+    """:func:`latent_arithmetic_predictor` applied to the held-out control cells' mean."""
+    predictor = latent_arithmetic_predictor(train_control, train_perturbed, n_comps, seed)
+    return predictor(_mean(heldout_control))
 
 
 def linear_on_pca(

@@ -1,7 +1,8 @@
 """Downstream tasks on pretrained encoders: task heads, LoRA fine-tuning, prediction.
 
 ``TaskModel(backbone, pooler, head)`` is written once for every backbone; each task
-(``annotation``, ``integration``) registers its config, head, targets and scores in ``TASKS``.
+(``annotation``, ``integration``, ``perturbation``) registers its config, head, targets and
+scores in ``TASKS``.
 ``run_finetuning`` trains one (what ``cellfoundry finetune`` runs), ``load_task_model`` loads
 it back in one call, and ``predict`` writes its output into an AnnData.
 """
@@ -20,6 +21,7 @@ from cellfoundry.tasks.base import (
 )
 from cellfoundry.tasks.finetune import FinetuneResult, run_finetuning
 from cellfoundry.tasks.integration import IntegrationConfig, IntegrationHead, IntegrationTask
+from cellfoundry.tasks.perturbation import PerturbationConfig, PerturbationTask, ResponseHead
 from cellfoundry.tasks.predict import predict
 from cellfoundry.tasks.splits import LabelSplit, make_split
 
@@ -33,6 +35,9 @@ __all__ = [
     "IntegrationHead",
     "IntegrationTask",
     "LabelSplit",
+    "PerturbationConfig",
+    "PerturbationTask",
+    "ResponseHead",
     "Task",
     "TaskConfig",
     "TaskModel",

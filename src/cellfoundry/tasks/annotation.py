@@ -195,7 +195,7 @@ class AnnotationTask(Task):
     # -- fine-tuning runner hooks ----------------------------------------------------------
     @classmethod
     def add_targets(
-        cls, dataset: Any, obs: Any, config: TaskConfig, args: Any, train_obs: Any
+        cls, dataset: Any, obs: Any, config: TaskConfig, args: Any, train_obs: Any, **_: Any
     ) -> tuple[Any, list[str]]:
         """Set ``config.labels`` from the training cells; add each cell's class code.
 
@@ -220,7 +220,7 @@ class AnnotationTask(Task):
 
     @classmethod
     def score_test(
-        cls, model: nn.Module, train_adata: Any, test_adata: Any, args: Any
+        cls, model: nn.Module, train_adata: Any, test_adata: Any, args: Any, **_: Any
     ) -> dict[str, Any]:
         """Test-cell scores of the model beside the baselines fitted on the same training cells.
 

@@ -165,11 +165,15 @@ class TaskOutput(ModelOutput):
         (B, K) class scores (classification tasks).
     embeddings : torch.Tensor or None
         (B, D') the task's cell representation (e.g. the integrated embedding).
+    predictions : torch.Tensor or None
+        (B, P, G) regression outputs (the perturbation task's predicted change of expression
+        per perturbation and gene).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
 
 
 class TaskModel(nn.Module):

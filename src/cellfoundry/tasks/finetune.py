@@ -135,7 +135,9 @@ def run_finetuning(config: TaskConfig, args: FinetuningArgs) -> FinetuneResult:
     dataset = tokenize_cells(adata, tokenizer, max_length, args.allow_normalized)
     rows = np.asarray(dataset["row"], dtype=np.int64)
     train_obs = adata.obs.iloc[split.train]
-    dataset, targets = task.add_targets(dataset, adata.obs.iloc[rows], config, args, train_obs)
+    dataset, targets = task.add_targets(
+        dataset, adata.obs.iloc[rows], config, args, train_obs, adata=adata
+    )
     parts = {
         name: positions_of(rows, getattr(split, name), name)
         for name in ("train", "validation", "test")
@@ -162,7 +164,7 @@ def run_finetuning(config: TaskConfig, args: FinetuningArgs) -> FinetuneResult:
     model = accelerator.unwrap_model(model).eval()
     test_adata = adata[np.sort(rows[parts["test"]])].copy()
     train_adata = adata[np.sort(rows[parts["train"]])].copy()
-    metrics = task.score_test(model, train_adata, test_adata, args)
+    metrics = task.score_test(model, train_adata, test_adata, args, adata=adata)
     metrics["split"] = {"strategy": split.strategy, **{k: int(v.size) for k, v in parts.items()}}
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:

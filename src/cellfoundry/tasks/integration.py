@@ -242,7 +242,7 @@ class IntegrationTask(Task):
     # -- fine-tuning runner hooks ----------------------------------------------------------
     @classmethod
     def add_targets(
-        cls, dataset: Any, obs: Any, config: TaskConfig, args: Any, train_obs: Any
+        cls, dataset: Any, obs: Any, config: TaskConfig, args: Any, train_obs: Any, **_: Any
     ) -> tuple[Any, list[str]]:
         """Set labels and batches from the training cells; add each cell's codes (-1: unseen
         or unlabelled)."""
@@ -267,7 +267,7 @@ class IntegrationTask(Task):
 
     @classmethod
     def score_test(
-        cls, model: nn.Module, train_adata: Any, test_adata: Any, args: Any
+        cls, model: nn.Module, train_adata: Any, test_adata: Any, args: Any, **_: Any
     ) -> dict[str, Any]:
         """scIB-style scores of the test cells' embedding beside PCA, Harmony and LDA on PCA.
 

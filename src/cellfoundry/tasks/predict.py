@@ -42,24 +42,22 @@ def cell_vectors(
 def head_outputs(model: Any, vectors: np.ndarray, batch_size: int = 4096) -> Any:
     """Run the head (eval mode) on the rows of ``vectors`` that are not NaN.
 
-    Returns the concatenated ``TaskOutput`` fields as numpy arrays (logits, embeddings) for
-    those rows, and the boolean mask of the rows they belong to.
+    Returns the concatenated ``TaskOutput`` fields as numpy arrays (logits, embeddings,
+    predictions) for those rows, and the boolean mask of the rows they belong to.
     """
     head = model.head.eval()
     device = next(head.parameters()).device
     valid = ~np.isnan(vectors).any(axis=1)
-    logits, embeddings = [], []
+    fields: dict[str, list[torch.Tensor]] = {"logits": [], "embeddings": [], "predictions": []}
     rows = torch.from_numpy(vectors[valid])
     for start in range(0, len(rows), batch_size):
         output = head(rows[start : start + batch_size].to(device))
-        if output.logits is not None:
-            logits.append(output.logits.float().cpu())
-        if output.embeddings is not None:
-            embeddings.append(output.embeddings.float().cpu())
+        for name, parts in fields.items():
+            if getattr(output, name) is not None:
+                parts.append(getattr(output, name).float().cpu())
     return {
         "valid": valid,
-        "logits": torch.cat(logits).numpy() if logits else None,
-        "embeddings": torch.cat(embeddings).numpy() if embeddings else None,
+        **{name: torch.cat(parts).numpy() if parts else None for name, parts in fields.items()},
     }
 
 

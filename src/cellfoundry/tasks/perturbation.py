@@ -1,0 +1,407 @@
+"""Supervised perturbation response: predict how a group of cells' expression changes under a
+perturbation from its control cells (the scGen setting: a cell type or cluster whose perturbed
+state was never seen).
+
+The head reads a control cell's pooled vector and a learned perturbation vector and predicts the
+change of mean log1p-normalised expression, over the response genes, that the cell's group
+shows under that perturbation. Targets are group-level (perturbed and control cells are not
+paired in scRNA-seq): every training control cell of group ``g`` learns
+``mean(perturbed cells of g) - mean(control cells of g)``. The held-out group's prediction is
+its control mean plus the mean predicted change of its control cells.
+
+Splits: the runner's ``holdout`` split with ``label_key`` = the condition column,
+``drop_labels`` = the perturbed conditions and ``batch_key`` = the group column: training and
+validation are the control cells of the other groups, test the held-out group's control cells.
+Its perturbed cells are read only by ``score_test``, as the truth.
+
+Scores (:func:`cellfoundry.evaluation.perturbation_metrics`) stand beside the baselines of
+:mod:`cellfoundry.evaluation.response_baselines`, fitted on the training groups in the same run,
+with a paired bootstrap over the held-out group's cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+
+from cellfoundry.tasks.base import Task, TaskConfig, TaskOutput, register_task
+from cellfoundry.tasks.heads import FixedWhitening
+
+RESPONSE_KEY = "cellfoundry_response"
+GENES_KEY = "cellfoundry_response_genes"
+BOOTSTRAP_DRAWS = 200
+
+
+@dataclass
+class PerturbationConfig(TaskConfig):
+    """Response head settings (see :class:`TaskConfig` for the shared fields).
+
+    Parameters
+    ----------
+    condition_key, control_value : str
+        ``obs`` column of each cell's condition and the value of control cells.
+    group_key : str
+        ``obs`` column of the groups (cell types / clusters) whose responses are learned.
+    perturbations, genes, groups : list of str
+        Perturbed conditions, response genes (var names) and training groups; set from the
+        training groups by the runner.
+    n_genes : int
+        Response genes: the most variable (Seurat HVG) in the training groups' cells.
+    head_hidden_size : int
+        Width of the two-layer response MLP.
+    """
+
+    task: ClassVar[str] = "perturbation"
+    condition_key: str = "perturbation"
+    control_value: str = "control"
+    group_key: str = "cluster"
+    perturbations: list[str] = field(default_factory=list)
+    genes: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    n_genes: int = 2000
+    head_hidden_size: int = 256
+
+
+class ResponseHead(nn.Module):
+    """Whiten the cell vector, add a learned perturbation vector, MLP -> change per gene.
+
+    Without ``perturbation_ids`` it predicts every perturbation: (B, P, G).
+    """
+
+    def __init__(self, config: PerturbationConfig, hidden_size: int) -> None:
+        super().__init__()
+        if not config.perturbations or not config.genes:
+            raise ValueError(
+                "The perturbation head needs perturbations and response genes (set by the "
+                "runner from the training groups); none were found."
+            )
+        self.whitening = FixedWhitening(hidden_size)
+        self.dropout = nn.Dropout(config.head_dropout)
+        self.perturbation_vectors = nn.Embedding(len(config.perturbations), hidden_size)
+        width = config.head_hidden_size or hidden_size
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * hidden_size, width), nn.GELU(), nn.Linear(width, len(config.genes))
+        )
+
+    def forward(
+        self,
+        vectors: torch.Tensor,
+        perturbation_ids: torch.Tensor | None = None,
+        response: torch.Tensor | None = None,
+        **_: Any,
+    ) -> TaskOutput:
+        cells = self.dropout(self.whitening(vectors))  # (B, D)
+        if perturbation_ids is None:
+            n_cells, n_perturbations = cells.shape[0], self.perturbation_vectors.num_embeddings
+            ids = torch.arange(n_perturbations, device=cells.device).repeat(n_cells)
+            cells = cells.repeat_interleave(n_perturbations, dim=0)
+        else:
+            ids, n_cells, n_perturbations = perturbation_ids, cells.shape[0], 1
+        inputs = torch.cat([cells, self.perturbation_vectors(ids)], dim=-1)
+        predicted = self.mlp(inputs).view(n_cells, n_perturbations, -1)
+        loss = None
+        if response is not None and perturbation_ids is not None:
+            loss = functional.mse_loss(predicted[:, 0].float(), response)
+        return TaskOutput(loss=loss, predictions=predicted)
+
+
+def _log_normalized(adata: Any, genes: list[str] | None = None):
+    """log1p(normalize_total 1e4) of ``adata`` (counts) or log1p of other values; dense."""
+    from cellfoundry.evaluation.baselines import log_normalize
+
+    x_kind = str(adata.uns.get("x_kind", "counts"))
+    matrix = adata.X
+    if x_kind not in ("counts", "lognorm"):
+        matrix, x_kind = np.log1p(matrix), "lognorm"
+    logged = log_normalize(matrix, x_kind)
+    if genes is not None:
+        logged = logged[:, adata.var_names.get_indexer(genes)]
+    return np.asarray(logged.toarray() if hasattr(logged, "toarray") else logged)
+
+
+def _condition_masks(adata: Any, config: PerturbationConfig) -> tuple[np.ndarray, np.ndarray]:
+    from cellfoundry.data.perturbation import _conditions
+
+    control = _conditions(adata.obs, config.condition_key, config.control_value)
+    return control, adata.obs[config.group_key].astype(str).to_numpy()
+
+
+def group_means(adata: Any, config: PerturbationConfig, groups: list[str]) -> dict[str, Any]:
+    """Mean log1p profiles (response genes) of each group's control and perturbed cells."""
+    control, group_of = _condition_masks(adata, config)
+    condition = adata.obs[config.condition_key].astype(str).to_numpy()
+    logged = _log_normalized(adata, config.genes)
+    means: dict[str, Any] = {"control": {}, "perturbed": {}}
+    for group in groups:
+        in_group = group_of == group
+        means["control"][group] = logged[in_group & control].mean(axis=0)
+        for name in config.perturbations:
+            cells = in_group & (condition == name)
+            if cells.any():
+                means["perturbed"][(group, name)] = logged[cells].mean(axis=0)
+    return means
+
+
+@register_task
+class PerturbationTask(Task):
+    name = "perturbation"
+    config_class = PerturbationConfig
+
+    @classmethod
+    def build_head(cls, config: TaskConfig, hidden_size: int) -> nn.Module:
+        return ResponseHead(config, hidden_size)
+
+    @classmethod
+    @torch.no_grad()
+    def evaluate(cls, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
+        """Validation MSE of the predicted change (cells of the training groups)."""
+        model.eval()
+        total, count = 0.0, 0
+        for batch in loader:
+            output = model(**batch)
+            errors = accelerator.gather_for_metrics(
+                ((output.predictions[:, 0].float() - batch["response"]) ** 2).mean(dim=1)
+            )
+            total += float(errors.sum())
+            count += len(errors)
+        model.train()
+        return {"eval_mse": total / max(count, 1), "eval_cells": count}
+
+    @classmethod
+    def write_predictions(
+        cls, adata: Any, config: TaskConfig, outputs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``obsm["cellfoundry_response_<perturbation>"]``: predicted change (cells, genes) per
+        perturbation, NaN rows for cells not tokenized; ``uns`` names the genes."""
+        valid, predicted = outputs["valid"], outputs["predictions"]
+        written = {}
+        for index, name in enumerate(config.perturbations):
+            change = np.full((valid.size, len(config.genes)), np.nan, dtype=np.float32)
+            change[valid] = predicted[:, index]
+            written[name] = change
+            if hasattr(adata, "obsm"):
+                adata.obsm[f"{RESPONSE_KEY}_{name}"] = change
+        if hasattr(adata, "uns"):
+            adata.uns[GENES_KEY] = list(config.genes)
+        return {"response": written, "genes": list(config.genes)}
+
+    # -- fine-tuning runner hooks ----------------------------------------------------------
+    @classmethod
+    def add_targets(
+        cls, dataset: Any, obs: Any, config: TaskConfig, args: Any, train_obs: Any, **extra: Any
+    ) -> tuple[Any, list[str]]:
+        """Response genes, perturbations and per-cell targets from the training groups.
+
+        Training control cells each learn one perturbation: with several, cell ``i`` learns
+        perturbation ``i mod P`` (every perturbation gets the same share of cells).
+        """
+        from cellfoundry.evaluation.baselines import seurat_hvg
+
+        adata = extra["adata"]
+        control, group_of = _condition_masks(adata, config)
+        config.groups = config.groups or sorted(train_obs[config.group_key].astype(str).unique())
+        in_training = np.isin(group_of, config.groups)
+        condition = adata.obs[config.condition_key].astype(str).to_numpy()
+        if not config.perturbations:
+            config.perturbations = sorted(set(condition[in_training & ~control]))
+        if not config.perturbations:
+            raise ValueError("The training groups hold no perturbed cells to learn from.")
+        if not config.genes:
+            logged = _log_normalized(adata[in_training])
+            chosen = seurat_hvg(logged, config.n_genes)
+            config.genes = [str(g) for g in adata.var_names[chosen]]
+        means = group_means(adata, config, config.groups)
+        group_values = obs[config.group_key].astype(str).to_numpy()
+        perturbation_ids = np.arange(len(obs)) % len(config.perturbations)
+        zeros = np.zeros(len(config.genes), dtype=np.float32)
+        response = []
+        for group, index in zip(group_values, perturbation_ids, strict=True):
+            key = (group, config.perturbations[index])
+            if key in means["perturbed"]:
+                response.append(
+                    (means["perturbed"][key] - means["control"][group]).astype(np.float32)
+                )
+            else:
+                response.append(zeros)
+        dataset = dataset.add_column("perturbation_ids", perturbation_ids.tolist())
+        dataset = dataset.add_column("response", [r.tolist() for r in response])
+        return dataset, ["perturbation_ids", "response"]
+
+    @classmethod
+    def fit_config(cls, config: TaskConfig, dataset: Any, train_positions: np.ndarray) -> None:
+        """Nothing beyond what ``add_targets`` set."""
+
+    @classmethod
+    def score_test(
+        cls, model: nn.Module, train_adata: Any, test_adata: Any, args: Any, **extra: Any
+    ) -> dict[str, Any]:
+        """Predicted vs observed response of the held-out group, beside the five baselines."""
+        from cellfoundry.evaluation.perturbation import METRICS
+        from cellfoundry.tasks.predict import predict
+
+        config, adata = model.config, extra["adata"]
+        held = sorted(set(test_adata.obs[config.group_key].astype(str)))
+        if len(held) != 1:
+            raise ValueError(f"The test cells span groups {held}; hold out exactly one group.")
+        control, group_of = _condition_masks(adata, config)
+        condition = adata.obs[config.condition_key].astype(str).to_numpy()
+        written = predict(
+            test_adata, model, progress=False, allow_normalized=args.allow_normalized
+        )["response"]
+        if (test_adata.obs[config.condition_key].astype(str) != config.control_value).any():
+            raise ValueError(
+                "The test cells must be the held-out group's control cells; drop the perturbed "
+                f"conditions from the split (drop_labels) and use label_key={config.condition_key}."
+            )
+        logged = _log_normalized(adata, config.genes)
+        first_name = config.perturbations[0]
+        valid = ~np.isnan(written[first_name]).any(axis=1)
+        held_control = _log_normalized(test_adata, config.genes)[valid]
+        scores: dict[str, Any] = {"heldout_group": held[0], "perturbations": {}}
+        for name in config.perturbations:
+            observed_cells = logged[(group_of == held[0]) & (condition == name)]
+            if observed_cells.shape[0] == 0:
+                continue
+            change = written[name][valid]
+            train_groups = [g for g in config.groups if g != held[0]]
+            predictors = response_predictors(
+                logged, group_of, condition, control, train_groups, name
+            )
+            entry = compare_responses(predictors, held_control, observed_cells, change, args.seed)
+            scores["perturbations"][name] = entry
+        first = next(iter(scores["perturbations"].values()))
+        for metric in METRICS:
+            scores[metric] = first["model"][metric]
+        return scores
+
+    @classmethod
+    def card_metrics(cls, metrics: dict[str, Any], args: Any) -> dict[str, Any]:
+        """Card rows: each metric of each perturbation beside its best baseline."""
+        rows = []
+        for name, entry in metrics["perturbations"].items():
+            for metric, comparison in entry["comparison"].items():
+                best, (low, high) = comparison["best_baseline"], comparison["ci95"]
+                rows.append(
+                    {
+                        "task": f"response to {name}, held-out group {metrics['heldout_group']}",
+                        "metric": metric,
+                        "ours": round(entry["model"][metric], 4),
+                        "baseline": best,
+                        "baseline_value": round(entry["baselines"][best][metric], 4),
+                        "difference": f"{comparison['difference']:+.4f}",
+                        "ci": f"({low:+.4f} to {high:+.4f}; {comparison['verdict']})",
+                    }
+                )
+        training = (
+            f"`{Path(args.data).name}`, condition `{args.label_key}`, groups "
+            f"`{args.batch_key}` (held out: {metrics['heldout_group']}); {args.max_steps} "
+            f"steps of {args.batch_size} cells, learning rate {args.learning_rate}."
+        )
+        return {"rows": rows, "training": training}
+
+
+def response_predictors(
+    logged: np.ndarray,
+    group_of: np.ndarray,
+    condition: np.ndarray,
+    control: np.ndarray,
+    train_groups: list[str],
+    perturbation: str,
+) -> dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+    """Each method as ``f(held-out control mean, mean predicted change) -> profile``, fitted on
+    the training groups that hold both conditions (the model ignores nothing: its profile is
+    the control mean plus its own predicted change)."""
+    from cellfoundry.evaluation.response_baselines import (
+        additive_shift,
+        latent_arithmetic_predictor,
+        linear_on_pca,
+        train_mean,
+    )
+
+    treated = condition == perturbation
+    usable = [g for g in train_groups if ((group_of == g) & treated).any()]
+    if not usable:
+        raise ValueError(f"No training group has {perturbation!r} cells to learn a response.")
+    train_control = np.array([logged[(group_of == g) & control].mean(0) for g in usable])
+    train_perturbed = np.array([logged[(group_of == g) & treated].mean(0) for g in usable])
+    in_train = np.isin(group_of, usable)
+    latent = latent_arithmetic_predictor(logged[in_train & control], logged[in_train & treated])
+    fixed_mean = train_mean(train_perturbed)
+    return {
+        "model": lambda m, change: m + change,
+        "no change": lambda m, change: m,
+        "train mean": lambda m, change: fixed_mean,
+        "additive": lambda m, change: additive_shift(m[None], train_control, train_perturbed),
+        "linear on PCA": lambda m, change: linear_on_pca(train_control, train_perturbed, m),
+        "latent arithmetic (PCA)": lambda m, change: latent(m),
+    }
+
+
+def compare_responses(
+    predictors: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]],
+    held_control: np.ndarray,
+    observed_cells: np.ndarray,
+    change: np.ndarray,
+    seed: int = 0,
+    draws: int = BOOTSTRAP_DRAWS,
+) -> dict[str, Any]:
+    """Metrics of every method, and the model minus the best baseline with a paired bootstrap.
+
+    ``change`` holds the model's predicted change for each held-out control cell (same rows as
+    ``held_control``). Each draw resamples the held-out control cells (with their predicted
+    changes) and its perturbed cells, and recomputes every profile and the truth from them.
+    """
+    from cellfoundry.evaluation.perturbation import LOWER_IS_BETTER, METRICS, perturbation_metrics
+
+    def profiles(control_cells: np.ndarray, changes: np.ndarray) -> dict[str, np.ndarray]:
+        mean = control_cells.mean(0)
+        return {name: f(mean, changes.mean(0)) for name, f in predictors.items()}
+
+    def scored(control_cells, changes, perturbed_cells) -> dict[str, dict[str, float]]:
+        control_mean, observed = control_cells.mean(0), perturbed_cells.mean(0)
+        return {
+            name: perturbation_metrics(profile, observed, control_mean)
+            for name, profile in profiles(control_cells, changes).items()
+        }
+
+    values = scored(held_control, change, observed_cells)
+    entry: dict[str, Any] = {
+        "n_control": int(held_control.shape[0]),
+        "n_perturbed": int(observed_cells.shape[0]),
+        "model": values.pop("model"),
+        "baselines": values,
+        "comparison": {},
+    }
+    best = {}
+    for metric in METRICS:
+        sign = -1 if metric in LOWER_IS_BETTER else 1
+        finite = {k: v[metric] for k, v in values.items() if np.isfinite(v[metric])}
+        best[metric] = max(finite, key=lambda k: sign * finite[k])
+    rng = np.random.default_rng(seed)
+    differences: dict[str, list[float]] = {metric: [] for metric in METRICS}
+    for _ in range(draws):
+        pick_c = rng.integers(0, held_control.shape[0], held_control.shape[0])
+        pick_p = rng.integers(0, observed_cells.shape[0], observed_cells.shape[0])
+        draw = scored(held_control[pick_c], change[pick_c], observed_cells[pick_p])
+        for metric in METRICS:
+            differences[metric].append(draw["model"][metric] - draw[best[metric]][metric])
+    for metric in METRICS:
+        value = entry["model"][metric] - values[best[metric]][metric]
+        low, high = np.nanpercentile(differences[metric], [2.5, 97.5])
+        improves, worsens = (
+            (high < 0, low > 0) if metric in LOWER_IS_BETTER else (low > 0, high < 0)
+        )
+        entry["comparison"][metric] = {
+            "best_baseline": best[metric],
+            "difference": float(value),
+            "ci95": [float(low), float(high)],
+            "verdict": "better" if improves else "worse" if worsens else "no difference",
+        }
+    return entry
