@@ -88,3 +88,25 @@ def test_perturbation_without_control_cells_is_a_clear_error(tmp_path, kang_file
     config = PerturbationConfig(base_model=base_models["bert"], control_value="ctrl", n_genes=50)
     with pytest.raises(ValueError, match="No control cells"):
         run_finetuning(config, run_args(kang_file, tmp_path / "run", drop_labels=[]))
+
+
+def test_finetune_perturbation_benchmark_runs_on_a_tiny_grid(tmp_path, base_models) -> None:
+    """Smoke test of benchmarks/finetune_perturbation.py (2 steps, one seed and cluster)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    adata = ad.read_h5ad(shared_file("pert_kang2018_ifnb_pbmc.h5ad"))
+    rows = np.sort(np.random.default_rng(1).choice(adata.n_obs, 500, replace=False))
+    small = tmp_path / "kang_small.h5ad"
+    adata[rows].copy().write_h5ad(small)
+    path = REPO / "benchmarks" / "finetune_perturbation.py"
+    spec = importlib.util.spec_from_file_location("finetune_perturbation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--data", str(small), "--seeds", "0", "--heldout", "1", "--n-clusters", "3"]
+    argv += ["--max-steps", "2", "--n-genes", "100", "--model", base_models["bert"]]
+    report = module.main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path)])
+    assert len(report["runs"]) == 1 and set(report["mean_model_minus_best"]) == set(METRICS)
+    text = (tmp_path / "finetune_perturbation.md").read_text()
+    assert text.count("| latent arithmetic (PCA) |") == 1
