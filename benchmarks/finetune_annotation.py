@@ -159,15 +159,20 @@ def finetune(spec: dict, setting: dict, mode: str, seed: int, out: Path, split: 
     ]
     if mode == "full":  # linear probe, then fine-tune: see finetuning/README.md
         command.append(f"head_only_steps={round(steps * args.full_head_only_share)}")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    return run_finetune_process(command, out, args.threads, f"{mode} seed {seed}")
+
+
+def run_finetune_process(command: list[str], out: Path, threads: int, description: str) -> dict:
+    """Run one fine-tuning process; its test metrics, peak RSS (MiB) and wall time (s)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     meter = PeakRss(child.pid)
-    stdout, stderr = child.communicate()
+    _, stderr = child.communicate()
     peak = meter.stop()
     seconds = time.perf_counter() - start
     if child.returncode != 0:
-        raise RuntimeError(f"{mode} seed {seed} failed:\n{stderr.decode()[-3000:]}")
+        raise RuntimeError(f"{description} failed:\n{stderr.decode()[-3000:]}")
     metrics = json.loads((out / "test_metrics.json").read_text())
     return {"metrics": metrics, "peak_rss_mib": round(peak, 1), "wall_s": round(seconds, 1)}
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from finetune_annotation import DATASETS, PeakRss, environment, trainable_share  # noqa: E402
+from finetune_annotation import (  # noqa: E402
+    DATASETS,
+    environment,
+    run_finetune_process,
+    trainable_share,
+)
 
 from cellfoundry._benchmarking import write_report  # noqa: E402
 
@@ -105,17 +108,7 @@ def finetune(spec: dict, mode: str, seed: int, out: Path, split: Path, args) -> 
         f"task.base_model={args.model}",
         *mode_overrides(mode, args),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    start = time.perf_counter()
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    meter = PeakRss(child.pid)
-    _, stderr = child.communicate()
-    peak = meter.stop()
-    seconds = time.perf_counter() - start
-    if child.returncode != 0:
-        raise RuntimeError(f"{mode} seed {seed} failed:\n{stderr.decode()[-3000:]}")
-    metrics = json.loads((out / "test_metrics.json").read_text())
-    return {"metrics": metrics, "peak_rss_mib": round(peak, 1), "wall_s": round(seconds, 1)}
+    return run_finetune_process(command, out, args.threads, f"{mode} seed {seed}")
 
 
 def scvi_test_embedding(spec: dict, split_file: Path, seed: int, threads: int) -> dict | None:

@@ -267,23 +267,11 @@ class AnnotationTask(Task):
     @classmethod
     def card_metrics(cls, metrics: dict[str, Any], args: Any) -> dict[str, Any]:
         """Card facts: a row per metric beside the better baseline, and the training line."""
+        from cellfoundry.tasks.card import comparison_rows
+
         split = metrics["split"]
         task = f"annotation ({args.label_key}), {split['test']} test cells ({split['strategy']})"
-        rows = []
-        for name, comparison in metrics["comparison"].items():
-            best = comparison["best_baseline"]
-            low, high = comparison["ci95"]
-            rows.append(
-                {
-                    "task": task,
-                    "metric": name,
-                    "ours": round(metrics["model"][name], 4),
-                    "baseline": best,
-                    "baseline_value": round(metrics["baselines"][best][name], 4),
-                    "difference": f"{comparison['difference']:+.4f}",
-                    "ci": f"({low:+.4f} to {high:+.4f}; {comparison['verdict']})",
-                }
-            )
+        rows = comparison_rows(task, metrics)
         training = (
             f"`{Path(args.data).name}`, label `{args.label_key}`, split "
             f"{split['strategy']}: {split['train']} training / {split['validation']} "

@@ -12,6 +12,33 @@ from typing import Any
 from cellfoundry._io import atomic_write_text
 
 
+def comparison_rows(
+    task: str, scores: dict[str, Any], label: Any = lambda metric: metric
+) -> list[dict[str, Any]]:
+    """Card rows from a task's test scores: one per entry of ``scores["comparison"]``, the
+    model's value beside the best baseline's, the difference and its interval.
+
+    ``scores`` holds ``model`` and ``baselines`` (metric -> value) and ``comparison``
+    (metric -> best_baseline, difference, ci95, verdict), as every task's ``score_test``
+    writes them; ``label`` names a metric in the card.
+    """
+    rows = []
+    for metric, comparison in scores["comparison"].items():
+        best, (low, high) = comparison["best_baseline"], comparison["ci95"]
+        rows.append(
+            {
+                "task": task,
+                "metric": label(metric),
+                "ours": round(scores["model"][metric], 4),
+                "baseline": best,
+                "baseline_value": round(scores["baselines"][best][metric], 4),
+                "difference": f"{comparison['difference']:+.4f}",
+                "ci": f"({low:+.4f} to {high:+.4f}; {comparison['verdict']})",
+            }
+        )
+    return rows
+
+
 def render_task_card(config: Any, name: str) -> str:
     """Card text: YAML metadata (huggingface_hub's format), then a Markdown body."""
     from huggingface_hub import ModelCardData

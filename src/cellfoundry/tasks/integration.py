@@ -317,25 +317,14 @@ class IntegrationTask(Task):
     @classmethod
     def card_metrics(cls, metrics: dict[str, Any], args: Any) -> dict[str, Any]:
         """Card rows: total, bio and batch beside the baseline best on total."""
+        from cellfoundry.tasks.card import comparison_rows
+
         split = metrics["split"]
         task = (
             f"integration ({args.batch_key}; labels {args.label_key}), {split['test']} test "
             f"cells ({split['strategy']})"
         )
-        rows = []
-        for name, comparison in metrics["comparison"].items():
-            best, (low, high) = comparison["best_baseline"], comparison["ci95"]
-            rows.append(
-                {
-                    "task": task,
-                    "metric": f"scIB {name}",
-                    "ours": round(metrics["model"][name], 4),
-                    "baseline": best,
-                    "baseline_value": round(metrics["baselines"][best][name], 4),
-                    "difference": f"{comparison['difference']:+.4f}",
-                    "ci": f"({low:+.4f} to {high:+.4f}; {comparison['verdict']})",
-                }
-            )
+        rows = comparison_rows(task, metrics, label=lambda metric: f"scIB {metric}")
         training = (
             f"`{Path(args.data).name}`, batches `{args.batch_key}`, labels `{args.label_key}`, "
             f"split {split['strategy']}: {split['train']} training / {split['validation']} "

@@ -284,21 +284,14 @@ class PerturbationTask(Task):
     @classmethod
     def card_metrics(cls, metrics: dict[str, Any], args: Any) -> dict[str, Any]:
         """Card rows: each metric of each perturbation beside its best baseline."""
-        rows = []
-        for name, entry in metrics["perturbations"].items():
-            for metric, comparison in entry["comparison"].items():
-                best, (low, high) = comparison["best_baseline"], comparison["ci95"]
-                rows.append(
-                    {
-                        "task": f"response to {name}, held-out group {metrics['heldout_group']}",
-                        "metric": metric,
-                        "ours": round(entry["model"][metric], 4),
-                        "baseline": best,
-                        "baseline_value": round(entry["baselines"][best][metric], 4),
-                        "difference": f"{comparison['difference']:+.4f}",
-                        "ci": f"({low:+.4f} to {high:+.4f}; {comparison['verdict']})",
-                    }
-                )
+        from cellfoundry.tasks.card import comparison_rows
+
+        held = metrics["heldout_group"]
+        rows = [
+            row
+            for name, entry in metrics["perturbations"].items()
+            for row in comparison_rows(f"response to {name}, held-out group {held}", entry)
+        ]
         training = (
             f"`{Path(args.data).name}`, condition `{args.label_key}`, groups "
             f"`{args.batch_key}` (held out: {metrics['heldout_group']}); {args.max_steps} "
