@@ -166,6 +166,12 @@ def test_half_sample_interval_is_zero_for_equal_embeddings_and_separates_clear_w
     better = paired_half_sample_differences(mixed, shifted, labels, batches, draws=10)
     assert better["batch"].ci95[0] > 0
     assert better["a"] == integration_scores(mixed, labels, batches)
+    # Halving thins neighbourhoods; the interval must still hold the full-sample difference.
+    noisy = mixed + rng.normal(scale=3.0, size=mixed.shape)
+    close = paired_half_sample_differences(noisy, mixed, labels, batches, draws=20)
+    for name in ("total", "bio", "batch"):
+        low, high = close[name].ci95
+        assert low <= close[name].value <= high, name
 
 
 def test_predict_names_labels_the_annotation_model_never_saw(
