@@ -182,7 +182,7 @@ def rescore(report: dict) -> None:
     import anndata as ad
 
     from cellfoundry.evaluation import paired_half_sample_differences
-    from cellfoundry.tasks.integration import integration_baselines
+    from cellfoundry.tasks.integration import comparison_entries, integration_baselines
     from cellfoundry.tasks.splits import LabelSplit
 
     for name, block in report["datasets"].items():
@@ -204,14 +204,7 @@ def rescore(report: dict) -> None:
             paired = paired_half_sample_differences(
                 saved["embedding"], baselines[best], labels, batches, seed=0
             )
-            for metric in AGGREGATES:
-                value, (low, high) = paired[metric]
-                metrics["comparison"][metric] = {
-                    "best_baseline": best,
-                    "difference": value,
-                    "ci95": [low, high],
-                    "verdict": "better" if low > 0 else "worse" if high < 0 else "no difference",
-                }
+            metrics["comparison"] = comparison_entries(paired, best)
         for row in block["scvi_rows"]:
             row.pop("versus", None)
         block["summary"] = summarise(block["runs"], block["scvi_rows"])

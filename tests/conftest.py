@@ -72,3 +72,10 @@ def save_tiny_model(tmp_path, backbone: str, tokenizer) -> str:
     path = tmp_path / backbone
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def base_models(tmp_path_factory, human_tokenizer):
+    """Tiny random-init bert and mamba masked-gene models for cf-human-v1 (task tests)."""
+    folder = tmp_path_factory.mktemp("base")
+    return {name: save_tiny_model(folder, name, human_tokenizer) for name in ("bert", "mamba")}

@@ -265,3 +265,13 @@ def test_scores_of_real_visium_spots_are_sane():
     assert scores.graph_connectivity > 0.9 > shuffled.graph_connectivity
     assert 0.5 < scores.total < 0.8
     assert knn_accuracy(embedding, labels) > 0.5 > knn_accuracy(embedding, rng.permutation(labels))
+
+
+def test_verdict_reads_an_interval_of_ours_minus_baseline() -> None:
+    from cellfoundry.evaluation.classification import verdict
+
+    assert verdict(0.01, 0.2) == "better" and verdict(-0.2, -0.01) == "worse"
+    assert verdict(-0.1, 0.1) == "no difference"
+    # for errors (MSE, L2) a negative difference is the win
+    assert verdict(-0.2, -0.01, lower_is_better=True) == "better"
+    assert verdict(0.01, 0.2, lower_is_better=True) == "worse"

@@ -9,7 +9,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_model, shared_file
+from conftest import shared_file
 
 from cellfoundry.evaluation import integration_scores, paired_half_sample_differences
 from cellfoundry.tasks import (
@@ -41,12 +41,6 @@ def starmap_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("starmap") / "starmap_slices.h5ad"
     adata[np.sort(keep)].copy().write_h5ad(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def base_models(tmp_path_factory, human_tokenizer):
-    folder = tmp_path_factory.mktemp("base")
-    return {name: save_tiny_model(folder, name, human_tokenizer) for name in ("bert", "mamba")}
 
 
 def run_args(data, output_dir, **changes) -> FinetuningArgs:

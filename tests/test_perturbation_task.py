@@ -8,7 +8,7 @@ import json
 import anndata as ad
 import numpy as np
 import pytest
-from conftest import save_tiny_model, shared_file
+from conftest import shared_file
 
 from cellfoundry.data.perturbation import condition_clusters
 from cellfoundry.evaluation.perturbation import METRICS
@@ -26,12 +26,6 @@ def kang_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("kang") / "kang_clusters.h5ad"
     adata.write_h5ad(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def base_models(tmp_path_factory, human_tokenizer):
-    folder = tmp_path_factory.mktemp("base")
-    return {name: save_tiny_model(folder, name, human_tokenizer) for name in ("bert", "mamba")}
 
 
 def run_args(data, output_dir, **changes) -> FinetuningArgs:

@@ -11,7 +11,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, save_tiny_model, shared_file
+from conftest import REPO, shared_file
 
 from cellfoundry.tasks import (
     AnnotationConfig,
@@ -37,12 +37,6 @@ def starmap_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("starmap") / "starmap_small.h5ad"
     adata[np.sort(keep)].copy().write_h5ad(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def base_models(tmp_path_factory, human_tokenizer):
-    folder = tmp_path_factory.mktemp("base")
-    return {name: save_tiny_model(folder, name, human_tokenizer) for name in ("bert", "mamba")}
 
 
 def run_args(starmap_file, output_dir, **changes) -> FinetuningArgs:

@@ -164,3 +164,10 @@ def paired_bootstrap(
         )
     low, high = np.percentile(differences, [2.5, 97.5])
     return PairedDifference(float(value), (float(low), float(high)))
+
+
+def verdict(low: float, high: float, lower_is_better: bool = False) -> str:
+    """ "better" / "worse" / "no difference" for an interval of ``ours - baseline``."""
+    if lower_is_better:
+        low, high = -high, -low
+    return "better" if low > 0 else "worse" if high < 0 else "no difference"

@@ -229,6 +229,7 @@ class AnnotationTask(Task):
         (per metric) comes with a paired bootstrap 95% interval over test cells.
         """
         from cellfoundry.evaluation import accuracy, macro_f1, paired_bootstrap, per_class_f1
+        from cellfoundry.evaluation.classification import verdict
         from cellfoundry.tasks.predict import predict
 
         predicted = predict(
@@ -256,7 +257,7 @@ class AnnotationTask(Task):
                 "best_baseline": best,
                 "difference": value,
                 "ci95": [low, high],
-                "verdict": "better" if low > 0 else "worse" if high < 0 else "no difference",
+                "verdict": verdict(low, high),
             }
         scores["macro_f1"], scores["accuracy"] = (
             scores["model"]["macro_f1"],

@@ -302,15 +302,7 @@ class IntegrationTask(Task):
         best = max(baselines, key=lambda name: scores["baselines"][name]["total"])
         paired = paired_half_sample_differences(ours, baselines[best], labels, batches, seed=0)
         scores["model"] = paired["a"].as_dict()
-        scores["comparison"] = {}
-        for metric in ("total", "bio", "batch"):
-            value, (low, high) = paired[metric]
-            scores["comparison"][metric] = {
-                "best_baseline": best,
-                "difference": value,
-                "ci95": [low, high],
-                "verdict": "better" if low > 0 else "worse" if high < 0 else "no difference",
-            }
+        scores["comparison"] = comparison_entries(paired, best)
         scores["total"] = scores["model"]["total"]
         return scores
 
@@ -332,6 +324,22 @@ class IntegrationTask(Task):
             f"{args.batch_size} cells, learning rate {args.learning_rate}."
         )
         return {"rows": rows, "training": training}
+
+
+def comparison_entries(paired: dict[str, Any], best: str) -> dict[str, dict[str, Any]]:
+    """``score_test``'s comparison block from :func:`paired_half_sample_differences`."""
+    from cellfoundry.evaluation.classification import verdict
+
+    entries = {}
+    for metric in ("total", "bio", "batch"):
+        value, (low, high) = paired[metric]
+        entries[metric] = {
+            "best_baseline": best,
+            "difference": value,
+            "ci95": [low, high],
+            "verdict": verdict(low, high),
+        }
+    return entries
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:

@@ -351,6 +351,7 @@ def compare_responses(
     ``held_control``). Each draw resamples the held-out control cells (with their predicted
     changes) and its perturbed cells, and recomputes every profile and the truth from them.
     """
+    from cellfoundry.evaluation.classification import verdict
     from cellfoundry.evaluation.perturbation import LOWER_IS_BETTER, METRICS, perturbation_metrics
 
     def profiles(control_cells: np.ndarray, changes: np.ndarray) -> dict[str, np.ndarray]:
@@ -388,13 +389,10 @@ def compare_responses(
     for metric in METRICS:
         value = entry["model"][metric] - values[best[metric]][metric]
         low, high = np.nanpercentile(differences[metric], [2.5, 97.5])
-        improves, worsens = (
-            (high < 0, low > 0) if metric in LOWER_IS_BETTER else (low > 0, high < 0)
-        )
         entry["comparison"][metric] = {
             "best_baseline": best[metric],
             "difference": float(value),
             "ci95": [float(low), float(high)],
-            "verdict": "better" if improves else "worse" if worsens else "no difference",
+            "verdict": verdict(low, high, lower_is_better=metric in LOWER_IS_BETTER),
         }
     return entry
