@@ -320,7 +320,9 @@ def markdown(report: dict) -> str:
 
 def benchmark_settings(args: argparse.Namespace) -> list[dict]:
     """The held-out-batch setting, then one few-shot setting per ``--few-shot`` size."""
-    settings = [{"name": "holdout", "strategy": "holdout", "max_steps": args.max_steps}]
+    settings = []
+    if not args.no_holdout:
+        settings.append({"name": "holdout", "strategy": "holdout", "max_steps": args.max_steps})
     for n in args.few_shot:
         steps = args.few_shot_steps
         settings.append(
@@ -340,6 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--few-shot", type=int, nargs="*", default=[10, 50], help="cells per type (random test)"
     )
     parser.add_argument("--few-shot-steps", type=int, default=60)
+    parser.add_argument("--no-holdout", action="store_true", help="few-shot settings only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr-lora", type=float, default=2e-4, help="adapters")
     parser.add_argument("--lr-full", type=float, default=1e-5, help="encoder weights")
