@@ -103,6 +103,19 @@ def log_normalize(x: Any, x_kind: str) -> np.ndarray | sp.csr_matrix:
     return out
 
 
+def log_input(adata: Any) -> tuple[Any, str]:
+    """``adata.X`` and the ``x_kind`` :func:`log_normalize` should read it as.
+
+    Values that are neither counts nor log-normalised (``uns["x_kind"]``, e.g. MERFISH's
+    volume-normalised values) are log1p-transformed and used as log-normalised input: the one
+    rule every baseline applies to such data.
+    """
+    x_kind = str(adata.uns.get("x_kind", "counts"))
+    if x_kind in ("counts", "lognorm"):
+        return adata.X, x_kind
+    return np.log1p(adata.X), "lognorm"
+
+
 def _expm1_mean_var(log_x: Any) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and variance (ddof=1) of ``expm1(log_x)``, dense or sparse input."""
     if not sp.issparse(log_x):

@@ -290,13 +290,10 @@ def annotation_baselines(
     Values that are neither counts nor log-normalised (e.g. MERFISH volume-normalised) are
     log1p-transformed and used as log-normalised input.
     """
-    from cellfoundry.evaluation.baselines import knn_on_pca, logistic_regression_hvg
+    from cellfoundry.evaluation.baselines import knn_on_pca, log_input, logistic_regression_hvg
 
-    x_kind = str(train_adata.uns.get("x_kind", "counts"))
-    x_train, x_test = train_adata.X, test_adata.X
-    if x_kind not in ("counts", "lognorm"):
-        x_train, x_test = np.log1p(x_train), np.log1p(x_test)
-        x_kind = "lognorm"
+    x_train, x_kind = log_input(train_adata)
+    x_test, _ = log_input(test_adata)
     y_train = train_adata.obs[label_key].astype(str).to_numpy()
     return {
         "logistic regression (HVG)": logistic_regression_hvg(

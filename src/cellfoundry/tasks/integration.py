@@ -172,12 +172,12 @@ class IntegrationTask(Task):
         chance: batch removed, as far as this discriminator can tell)."""
         model.eval()
         logits, labels, batch_right, n_cells = [], [], 0, 0
+        discriminator = accelerator.unwrap_model(model).head.batch_discriminator
         for batch in loader:
             output = model(
                 **{k: v for k, v in batch.items() if k not in ("labels", "batch_labels")}
             )
-            head = accelerator.unwrap_model(model).head
-            batch_logits = head.batch_discriminator(output.embeddings)
+            batch_logits = discriminator(output.embeddings)
             gathered = accelerator.gather_for_metrics(
                 (
                     output.logits.float(),
@@ -365,13 +365,10 @@ def integration_baselines(
     """
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-    from cellfoundry.evaluation.baselines import harmony_embedding, pca_projection
+    from cellfoundry.evaluation.baselines import harmony_embedding, log_input, pca_projection
 
-    x_kind = str(train_adata.uns.get("x_kind", "counts"))
-    x_train, x_test = train_adata.X, test_adata.X
-    if x_kind not in ("counts", "lognorm"):
-        x_train, x_test = np.log1p(x_train), np.log1p(x_test)
-        x_kind = "lognorm"
+    x_train, x_kind = log_input(train_adata)
+    x_test, _ = log_input(test_adata)
     train_pcs, test_pcs, _, _ = pca_projection(x_train, x_test, x_kind, seed=seed)
     test_batches = test_adata.obs[batch_key].astype(str).to_numpy()
     y_train = train_adata.obs[label_key].astype(str).to_numpy()

@@ -112,17 +112,16 @@ class ResponseHead(nn.Module):
         return TaskOutput(loss=loss, predictions=predicted)
 
 
-def _log_normalized(adata: Any, genes: list[str] | None = None):
-    """log1p(normalize_total 1e4) of ``adata`` (counts) or log1p of other values; dense."""
-    from cellfoundry.evaluation.baselines import log_normalize
+def _log_expression(adata: Any):
+    """log1p(normalize_total 1e4) of ``adata`` (log1p of non-count values), sparse if X is."""
+    from cellfoundry.evaluation.baselines import log_input, log_normalize
 
-    x_kind = str(adata.uns.get("x_kind", "counts"))
-    matrix = adata.X
-    if x_kind not in ("counts", "lognorm"):
-        matrix, x_kind = np.log1p(matrix), "lognorm"
-    logged = log_normalize(matrix, x_kind)
-    if genes is not None:
-        logged = logged[:, adata.var_names.get_indexer(genes)]
+    return log_normalize(*log_input(adata))
+
+
+def _log_normalized(adata: Any, genes: list[str]) -> np.ndarray:
+    """Dense :func:`_log_expression` of the response ``genes`` only."""
+    logged = _log_expression(adata)[:, adata.var_names.get_indexer(genes)]
     return np.asarray(logged.toarray() if hasattr(logged, "toarray") else logged)
 
 
@@ -214,8 +213,8 @@ class PerturbationTask(Task):
         if not config.perturbations:
             raise ValueError("The training groups hold no perturbed cells to learn from.")
         if not config.genes:
-            logged = _log_normalized(adata[in_training])
-            chosen = seurat_hvg(logged, config.n_genes)
+            # sparse when X is: seurat_hvg never densifies every gene of every training cell
+            chosen = seurat_hvg(_log_expression(adata[in_training]), config.n_genes)
             config.genes = [str(g) for g in adata.var_names[chosen]]
         means = group_means(adata, config, config.groups)
         group_values = obs[config.group_key].astype(str).to_numpy()
