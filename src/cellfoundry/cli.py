@@ -170,6 +170,58 @@ def cmd_perturb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_grn(sub) -> None:
+    from cellfoundry.grn import METHODS
+
+    p = sub.add_parser("grn", help="infer a ranked TF -> target edge table (TSV)")
+    p.add_argument("input", help=".h5ad with raw counts (gene symbols in var_names)")
+    p.add_argument("output", help="edge table .tsv: tf, target, score, rank")
+    p.add_argument("--method", choices=METHODS, default="attention")
+    p.add_argument("--tfs", required=True, help="TF list, one symbol per line (e.g. Lambert 2018)")
+    p.add_argument("--n-genes", type=int, default=1000, help="most variable genes (+ their TFs)")
+    p.add_argument("--model", default="cellfoundry-tiny-bert")
+    p.add_argument("--max-cells", type=int, default=None, help="seeded subsample of cells")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gold", help="gold-standard CSV (tf,target[,confidence]): print scores")
+    p.add_argument("--confidence", default=None, help="gold confidence levels kept, e.g. ABC")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_grn)
+
+
+def cmd_grn(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from cellfoundry.evaluation.grn import gold_standard, grn_scores, read_edges, read_tf_list
+    from cellfoundry.grn import MODEL_METHODS, gene_universe, infer_edges, write_edges
+
+    source, output = Path(args.input), Path(args.output)
+    if not source.exists():
+        raise ValueError(f"Input file {source} does not exist; check the path.")
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"{output} exists; pass --overwrite to replace it.")
+    adata = ad.read_h5ad(source)
+    tfs = read_tf_list(args.tfs)
+    universe = gene_universe(adata, tfs, n_genes=args.n_genes)
+    options: dict = {}
+    if args.method in MODEL_METHODS:
+        options = {"model": args.model, "batch_size": args.batch_size, "device": args.device}
+    if args.method in MODEL_METHODS + ("genie3",) and args.max_cells is not None:
+        options["max_cells"] = args.max_cells
+    edges = infer_edges(adata, universe, args.method, seed=args.seed, **options)
+    write_edges(edges, output)
+    print(f"{len(universe.genes)} genes, {len(universe.tfs)} TFs: {len(edges)} edges -> {output}")
+    if args.gold:
+        gold = gold_standard(read_edges(args.gold, args.confidence), universe.genes, tfs)
+        scores = grn_scores(edges, gold)
+        print(
+            f"vs {args.gold}: EPR {scores.epr:.3f}, AUPRC ratio {scores.auprc_ratio:.3f}, "
+            f"AUROC {scores.auroc:.3f} ({scores.n_tfs} TFs, {scores.n_true} true edges)"
+        )
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from cellfoundry.tasks.entry import finetune_main
 
@@ -244,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_finetune(sub)
     _add_perturb(sub)
+    _add_grn(sub)
     _add_misc(sub)
     return parser
 

@@ -1,5 +1,5 @@
 """Metrics shared by tests and benchmarks: annotation, scIB-style integration, embeddings,
-perturbation responses.
+perturbation responses, gene regulatory networks (BEELINE).
 
 numpy, scipy and scikit-learn only: importing this package never imports torch.
 """
@@ -12,6 +12,7 @@ from cellfoundry.evaluation.classification import (
     per_class_f1,
 )
 from cellfoundry.evaluation.embedding import knn_accuracy, knn_predictions
+from cellfoundry.evaluation.grn import GoldStandard, gold_standard, grn_scores
 from cellfoundry.evaluation.integration import (
     IntegrationScores,
     batch_silhouette,
@@ -28,6 +29,9 @@ from cellfoundry.evaluation.integration import (
 from cellfoundry.evaluation.perturbation import perturbation_metrics
 
 __all__ = [
+    "GoldStandard",
+    "gold_standard",
+    "grn_scores",
     "IntegrationScores",
     "PairedDifference",
     "accuracy",
