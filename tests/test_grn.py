@@ -17,7 +17,7 @@ from cellfoundry.evaluation.grn import (
     gold_standard,
     grn_scores,
     score_ranking,
-    tf_bootstrap_difference,
+    tf_bootstrap_differences,
 )
 from cellfoundry.grn import GeneUniverse, gene_universe, infer_edges, write_edges
 
@@ -70,12 +70,22 @@ def test_early_precision_keeps_ties_and_ignores_unscored_edges() -> None:
 def test_paired_tf_bootstrap(gold) -> None:
     good = edges({"A>B": 0.9, "B>C": 0.8, "A>C": 0.1, "A>D": 0.1, "B>A": 0.1, "B>D": 0.1})
     bad = edges({"A>B": 0.1, "B>C": 0.1, "A>C": 0.9, "A>D": 0.8, "B>A": 0.7, "B>D": 0.6})
-    same = tf_bootstrap_difference(good, [good, good], gold, "auroc", n_boot=50)
+    same = tf_bootstrap_differences(good, [good, good], gold, n_boot=50)["auroc"]
     assert same["difference"] == 0.0 and same["verdict"] == "no difference"
-    better = tf_bootstrap_difference(good, bad, gold, "auroc", n_boot=50)
-    assert better["difference"] == pytest.approx(1.0) and better["verdict"] == "better"
-    with pytest.raises(ValueError, match="metric"):
-        tf_bootstrap_difference(good, bad, gold, "f1")
+    better = tf_bootstrap_differences(good, bad, gold, n_boot=50)
+    assert better["auroc"]["difference"] == pytest.approx(1.0)
+    assert better["auroc"]["verdict"] == better["epr"]["verdict"] == "better"
+
+
+def test_numpy_metrics_equal_scikit_learn_with_ties() -> None:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    truth = rng.random(5000) < 0.05
+    score = np.round(rng.random(5000) + truth * 0.3, 2)  # many ties
+    scores = score_ranking(score, truth, 1)
+    assert scores.auroc == pytest.approx(roc_auc_score(truth, score), abs=1e-12)
+    assert scores.auprc == pytest.approx(average_precision_score(truth, score), abs=1e-12)
 
 
 def test_no_overlapping_tf_list_is_a_clear_error() -> None:
@@ -228,3 +238,78 @@ def test_cli_writes_the_edge_table_and_scores_it(tmp_path, kang) -> None:
     assert list(table.columns) == ["tf", "target", "score", "rank"]
     refused = subprocess.run(command, capture_output=True, text=True)
     assert refused.returncode != 0 and "--overwrite" in refused.stderr
+
+
+# -- the supervised pair classifier (grn task) --------------------------------------------------
+@pytest.mark.parametrize("backbone", ["bert", "mamba"])
+def test_pair_classifier_trains_on_some_tfs_and_scores_held_out_ones(
+    tmp_path, kang, base_models, backbone
+) -> None:
+    import json
+
+    import torch
+
+    from cellfoundry.tasks import GRNConfig, load_task_model, pair_classifier_edges, run_finetuning
+    from cellfoundry.training import FinetuningArgs
+
+    adata, _ = kang
+    data = tmp_path / "kang.h5ad"
+    adata.write_h5ad(data)
+    config = GRNConfig(
+        base_model=base_models[backbone],
+        gold=str(shared_file("grn/dorothea_human_AtoD.csv")),
+        tf_list=str(shared_file("grn/tfs_human_lambert2018.txt")),
+        n_genes=300,
+        genie3_baseline=False,
+    )
+    args = FinetuningArgs(
+        data=str(data),
+        output_dir=str(tmp_path / "run"),
+        label_key="batch",
+        split_strategy="random",
+        batch_size=8,
+        max_steps=3,
+        eval_every=3,
+        log_every=1,
+        progress_bar=False,
+        learning_rate=1e-3,
+    )
+    result = run_finetuning(config, args)
+    metrics = json.loads((result.output_dir / "test_metrics.json").read_text())
+    assert set(metrics["baselines"]) == {"Pearson", "Spearman", "random"}
+    assert not set(metrics["heldout_tfs"]) & set(config.train_tfs)
+    assert all(t in config.genes for t in metrics["heldout_tfs"])
+    edges_of_train = {tf for tf, _ in config.train_edges}
+    assert edges_of_train <= set(config.train_tfs) and edges_of_train
+    for comparison in metrics["comparison"].values():
+        low, high = comparison["ci95"]
+        assert low <= comparison["difference"] + 1e-9 or np.isnan(low)
+        assert low <= high
+    # the head's labels are exactly the training TFs' gold edges
+    model = load_task_model(result.output_dir)
+    assert int((model.head.labels == 1).sum()) == len(config.train_edges)
+    edges = pair_classifier_edges(model, adata, max_cells=20)
+    assert set(edges["tf"]) <= set(metrics["heldout_tfs"]) and len(edges) > 0
+    again = pair_classifier_edges(model, adata, max_cells=20, batch_size=3)
+    merged = edges.merge(again, on=["tf", "target"])
+    torch.testing.assert_close(
+        torch.tensor(merged["score_x"].to_numpy()),
+        torch.tensor(merged["score_y"].to_numpy()),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_grn_task_names_missing_gold_files(tmp_path, kang, base_models) -> None:
+    from cellfoundry.tasks import GRNConfig, run_finetuning
+    from cellfoundry.training import FinetuningArgs
+
+    adata, _ = kang
+    data = tmp_path / "kang.h5ad"
+    adata.write_h5ad(data)
+    config = GRNConfig(base_model=base_models["bert"], gold="missing.csv", tf_list="")
+    args = FinetuningArgs(
+        data=str(data), output_dir=str(tmp_path / "run"), label_key="batch", max_steps=1
+    )
+    with pytest.raises(ValueError, match="task.gold='missing.csv' is not a file"):
+        run_finetuning(config, args)

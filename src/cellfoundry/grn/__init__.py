@@ -1,6 +1,7 @@
 """Gene regulatory network inference: ranked TF -> target edge tables from the pretrained
 encoder (attention, contextual gene-embedding similarity, in-silico TF deletion) and from the
-classic baselines (Pearson, Spearman, GENIE3, random), on one gene universe.
+classic baselines (Pearson, Spearman, GENIE3, random), on one gene universe; and from a
+fine-tuned pair classifier (``classifier``).
 
 Every method returns a table with columns ``tf``, ``target``, ``score`` (higher = stronger
 evidence), scored with :mod:`cellfoundry.evaluation.grn`; the supervised pair classifier is the
@@ -15,8 +16,17 @@ from cellfoundry.grn.model_scores import (
     embedding_similarity_edges,
 )
 
-METHODS = ("attention", "embedding", "deletion", "pearson", "spearman", "genie3", "random")
-MODEL_METHODS = ("attention", "embedding", "deletion")
+METHODS = (
+    "attention",
+    "embedding",
+    "deletion",
+    "classifier",
+    "pearson",
+    "spearman",
+    "genie3",
+    "random",
+)
+MODEL_METHODS = ("attention", "embedding", "deletion", "classifier")
 
 
 def infer_edges(adata, universe: GeneUniverse, method: str, seed: int = 0, **options):
@@ -33,7 +43,33 @@ def infer_edges(adata, universe: GeneUniverse, method: str, seed: int = 0, **opt
         return embedding_similarity_edges(adata, universe, seed=seed, **options)
     if method == "deletion":
         return deletion_edges(adata, universe, seed=seed, **options)
+    if method == "classifier":
+        return _classifier_edges(adata, universe, seed=seed, **options)
     raise ValueError(f"method={method!r}; use one of {METHODS}.")
+
+
+def _classifier_edges(
+    adata,
+    universe: GeneUniverse,
+    model: str,
+    seed: int = 0,
+    device: str | None = None,
+    **options,
+):
+    """Edges of a fine-tuned ``grn`` task model (a folder) for the universe's TFs it knows."""
+    from cellfoundry.tasks import load_task_model, pair_classifier_edges
+
+    task_model = load_task_model(model, device=device)
+    if task_model.config.task != "grn":
+        raise ValueError(
+            f"{model} is a {task_model.config.task!r} model; method 'classifier' needs a model "
+            "fine-tuned with --task grn."
+        )
+    known = set(task_model.config.genes)
+    tfs = [t for t in universe.tfs if t in known]
+    if not tfs:
+        raise ValueError(f"None of the data's TFs are in the gene universe of {model}.")
+    return pair_classifier_edges(task_model, adata, tfs, seed=seed, **options)
 
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Downstream tasks on pretrained encoders: task heads, LoRA fine-tuning, prediction.
 
 ``TaskModel(backbone, pooler, head)`` is written once for every backbone; each task
-(``annotation``, ``integration``, ``perturbation``) registers its config, head, targets and
+(``annotation``, ``integration``, ``perturbation``, ``grn``) registers its config, head, targets and
 scores in ``TASKS``.
 ``run_finetuning`` trains one (what ``cellfoundry finetune`` runs), ``load_task_model`` loads
 it back in one call, and ``predict`` writes its output into an AnnData.
@@ -20,6 +20,7 @@ from cellfoundry.tasks.base import (
     register_task,
 )
 from cellfoundry.tasks.finetune import FinetuneResult, run_finetuning
+from cellfoundry.tasks.grn import GRNConfig, GRNTask, PairHead, pair_classifier_edges
 from cellfoundry.tasks.integration import IntegrationConfig, IntegrationHead, IntegrationTask
 from cellfoundry.tasks.perturbation import PerturbationConfig, PerturbationTask, ResponseHead
 from cellfoundry.tasks.predict import predict
@@ -31,10 +32,13 @@ __all__ = [
     "AnnotationTask",
     "ClassificationHead",
     "FinetuneResult",
+    "GRNConfig",
+    "GRNTask",
     "IntegrationConfig",
     "IntegrationHead",
     "IntegrationTask",
     "LabelSplit",
+    "PairHead",
     "PerturbationConfig",
     "PerturbationTask",
     "ResponseHead",
@@ -46,6 +50,7 @@ __all__ = [
     "get_task",
     "load_task_model",
     "make_split",
+    "pair_classifier_edges",
     "predict",
     "register_task",
     "run_finetuning",

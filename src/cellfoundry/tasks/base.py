@@ -2,8 +2,8 @@
 
 A task model is ``TaskModel(backbone, pooler, head)``: a pretrained encoder (CellBert or
 CellMamba, optionally wrapped with LoRA adapters by peft), a pooling of its token vectors into
-one vector per cell, and a small task head, always the attribute ``head``. Heads see only
-pooled cell vectors, so each is written once for every backbone.
+one vector per cell, and a small task head, always the attribute ``head``. Heads see pooled
+cell vectors (gene-pair heads: token vectors), so each is written once for every backbone.
 
 Saved form (one folder, loadable with :func:`load_task_model`):
 
@@ -196,6 +196,19 @@ class TaskModel(nn.Module):
         self.config = config
         self.head = head
 
+    def encode_tokens(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        context_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, L) tokens -> (B, L, D) contextual token vectors (no gradient when probing)."""
+        frozen = self.config.tuning == "linear_probe"
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            return self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, context_ids=context_ids
+            ).last_hidden_state
+
     def encode(
         self,
         input_ids: torch.Tensor,
@@ -205,12 +218,8 @@ class TaskModel(nn.Module):
         """(B, L) tokens -> (B, D) pooled cell vectors."""
         from cellfoundry.models import pool_hidden_states
 
-        frozen = self.config.tuning == "linear_probe"
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            hidden = self.backbone(
-                input_ids=input_ids, attention_mask=attention_mask, context_ids=context_ids
-            ).last_hidden_state
-            return pool_hidden_states(hidden, attention_mask, self.config.pooling)
+        hidden = self.encode_tokens(input_ids, attention_mask, context_ids)
+        return pool_hidden_states(hidden, attention_mask, self.config.pooling)
 
     def forward(
         self,
@@ -219,7 +228,14 @@ class TaskModel(nn.Module):
         context_ids: torch.Tensor | None = None,
         **targets: torch.Tensor,
     ) -> TaskOutput:
-        """Pool the encoder's output and apply the head (with a loss when targets are given)."""
+        """Pool the encoder's output and apply the head (with a loss when targets are given).
+
+        A head with ``reads_tokens = True`` (gene-pair heads) gets the token vectors, the ids
+        and the mask instead of pooled cell vectors.
+        """
+        if getattr(self.head, "reads_tokens", False):
+            hidden = self.encode_tokens(input_ids, attention_mask, context_ids)
+            return self.head(hidden, input_ids=input_ids, attention_mask=attention_mask, **targets)
         return self.head(self.encode(input_ids, attention_mask, context_ids), **targets)
 
     def train(self, mode: bool = True) -> TaskModel:

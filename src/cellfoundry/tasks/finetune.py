@@ -136,7 +136,7 @@ def run_finetuning(config: TaskConfig, args: FinetuningArgs) -> FinetuneResult:
     rows = np.asarray(dataset["row"], dtype=np.int64)
     train_obs = adata.obs.iloc[split.train]
     dataset, targets = task.add_targets(
-        dataset, adata.obs.iloc[rows], config, args, train_obs, adata=adata
+        dataset, adata.obs.iloc[rows], config, args, train_obs, adata=adata, tokenizer=tokenizer
     )
     parts = {
         name: positions_of(rows, getattr(split, name), name)
