@@ -274,14 +274,15 @@ class CellBatchCollator:
         for annotation, ``batch_labels`` for integration) when the cells have them.
     vector_columns : tuple of str
         Per-cell float vectors copied as (B, G) float32 tensors (``response``: the
-        perturbation task's target change of expression) when the cells have them.
+        perturbation task's target change of expression; the niche task's ``niche_target``
+        and ``neighbor_vector``) when the cells have them.
     """
 
     pad_token_id: int = 0
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
     target_columns: tuple[str, ...] = ("labels", "batch_labels", "perturbation_ids")
-    vector_columns: tuple[str, ...] = ("response",)
+    vector_columns: tuple[str, ...] = ("response", "niche_target", "neighbor_vector")
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """``input_ids``/``attention_mask`` (B, L), ``context_ids`` (B, C), targets (B,)."""

@@ -323,6 +323,12 @@ class Task:
         model.train()
 
     @classmethod
+    def head_inputs(cls, adata: Any, model: nn.Module, **options: Any) -> dict[str, Any]:
+        """Per-cell head inputs besides the pooled vector, for :func:`predict` (default none;
+        the niche task's neighbour vectors). Arrays with one row per cell of ``adata``."""
+        return {}
+
+    @classmethod
     def write_predictions(
         cls, adata: Any, config: TaskConfig, outputs: Mapping[str, Any]
     ) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from cellfoundry.tasks.base import Task, TaskConfig, TaskOutput, register_task
 
 RANDOM_SEEDS = (0, 1, 2)
 BOOTSTRAP_DRAWS = 300
+GENIE3_TREES, GENIE3_CELLS = 50, 500  # GENIE3 in minutes on 2 CPU cores (benchmarks/grn.py too)
 
 
 @dataclass
@@ -348,7 +349,9 @@ class GRNTask(Task):
         tables["Pearson"] = [correlation_edges(cells, universe, "pearson")]
         tables["Spearman"] = [correlation_edges(cells, universe, "spearman")]
         if config.genie3_baseline:
-            tables["GENIE3"] = [genie3_edges(cells, universe, seed=args.seed)]
+            tables["GENIE3"] = [
+                genie3_edges(cells, universe, GENIE3_TREES, GENIE3_CELLS, seed=args.seed)
+            ]
         tables["random"] = [random_edges(universe, seed=s) for s in RANDOM_SEEDS]
 
         def mean_scores(items: list[pd.DataFrame]) -> dict[str, float]:

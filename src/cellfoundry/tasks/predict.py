@@ -39,8 +39,16 @@ def cell_vectors(
 
 
 @torch.no_grad()
-def head_outputs(model: Any, vectors: np.ndarray, batch_size: int = 4096) -> Any:
+def head_outputs(
+    model: Any,
+    vectors: np.ndarray,
+    batch_size: int = 4096,
+    extra: dict[str, np.ndarray] | None = None,
+) -> Any:
     """Run the head (eval mode) on the rows of ``vectors`` that are not NaN.
+
+    ``extra`` holds further per-cell head inputs (same rows as ``vectors``), e.g. the niche
+    task's neighbour vectors (``Task.head_inputs``).
 
     Returns the concatenated ``TaskOutput`` fields as numpy arrays (logits, embeddings,
     predictions) for those rows, and the boolean mask of the rows they belong to.
@@ -50,8 +58,10 @@ def head_outputs(model: Any, vectors: np.ndarray, batch_size: int = 4096) -> Any
     valid = ~np.isnan(vectors).any(axis=1)
     fields: dict[str, list[torch.Tensor]] = {"logits": [], "embeddings": [], "predictions": []}
     rows = torch.from_numpy(vectors[valid])
+    inputs = {name: torch.from_numpy(values[valid]) for name, values in (extra or {}).items()}
     for start in range(0, len(rows), batch_size):
-        output = head(rows[start : start + batch_size].to(device))
+        part = {k: v[start : start + batch_size].to(device) for k, v in inputs.items()}
+        output = head(rows[start : start + batch_size].to(device), **part)
         for name, parts in fields.items():
             if getattr(output, name) is not None:
                 parts.append(getattr(output, name).float().cpu())
@@ -101,7 +111,9 @@ def predict(
     if score_key is not None:
         task.check_score_labels(adata, model.config, score_key)
     vectors = cell_vectors(adata, model, batch_size, device, progress, **tokenize_options)
-    written = task.write_predictions(adata, model.config, head_outputs(model, vectors))
+    extra = task.head_inputs(adata, model, batch_size=batch_size, device=device, **tokenize_options)
+    outputs = head_outputs(model, vectors, extra=extra)
+    written = task.write_predictions(adata, model.config, outputs)
     if score_key is not None:
         written["scores"] = task.score_predictions(adata, model.config, written, score_key)
     return written
