@@ -11,7 +11,7 @@ baseline per metric by a paired bootstrap over regulators. The supervised pair c
 and scored on the other 30%, beside the baselines on the same held-out TFs and test cells.
 
     python benchmarks/grn.py                                  # kang liao dlpfc, 3 seeds
-    python benchmarks/grn.py --datasets kang --seeds 0 --no-supervised
+    python benchmarks/grn.py --datasets kang --seeds 0 --supervised-datasets
 
 Writes ``benchmarks/results/grn.{json,md}``; edge tables go to ``runs/grn/``.
 """
@@ -329,7 +329,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--genie3-cells", type=int, default=500)
     parser.add_argument("--genie3-trees", type=int, default=50)
     parser.add_argument("--n-boot", type=int, default=300)
-    parser.add_argument("--no-supervised", action="store_true")
+    parser.add_argument(
+        "--supervised-datasets",
+        nargs="*",
+        default=list(DATASETS),
+        help="datasets that also get the pair-classifier runs (none: skip them)",
+    )
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--head-lr", type=float, default=1e-3)
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for name in args.datasets:
         report["datasets"][name] = score_dataset(name, args)
-        if not args.no_supervised:
+        if name in args.supervised_datasets:
             report["supervised"][name] = []
             for seed in args.seeds:
                 run = supervised(name, seed, args)
