@@ -104,3 +104,82 @@ def test_finetune_perturbation_benchmark_runs_on_a_tiny_grid(tmp_path, base_mode
     assert len(report["runs"]) == 1 and set(report["mean_model_minus_best"]) == set(METRICS)
     text = (tmp_path / "finetune_perturbation.md").read_text()
     assert text.count("| latent arithmetic (PCA) |") == 1
+
+
+# -- unseen genetic perturbations (Papalexi ECCITE-seq) -----------------------------------------
+TARGETS = ["JAK2", "STAT2", "STAT3", "STAT1", "IRF1"]  # four are among the measured genes
+
+
+@pytest.fixture(scope="module")
+def papalexi_file(tmp_path_factory):
+    """200 control cells and 60 cells of each of five knockouts (raw counts, 299 genes)."""
+    adata = ad.read_h5ad(shared_file("pert_eccite_thp1_papalexi2021.h5ad"))
+    rng = np.random.default_rng(0)
+    values = adata.obs["perturbation"].astype(str).to_numpy()
+    keep = [rng.choice(np.flatnonzero(values == "control"), 200, replace=False)]
+    keep += [rng.choice(np.flatnonzero(values == t), 60, replace=False) for t in TARGETS]
+    path = tmp_path_factory.mktemp("papalexi") / "papalexi_small.h5ad"
+    adata[np.sort(np.concatenate(keep))].copy().write_h5ad(path)
+    return path
+
+
+def unseen_args(data, output_dir):
+    return run_args(
+        data,
+        output_dir,
+        batch_key=None,
+        split_strategy="random",
+        holdout=None,
+        drop_labels=TARGETS,
+    )
+
+
+def test_unseen_perturbation_from_the_target_gene_token(tmp_path, papalexi_file, base_models):
+    import torch
+
+    config = PerturbationConfig(
+        base_model=base_models["bert"],
+        group_key="batch",
+        perturbations=TARGETS,
+        heldout_perturbations=["STAT1"],
+        perturbation_source="gene_token",
+        n_genes=100,
+    )
+    result = run_finetuning(config, unseen_args(papalexi_file, tmp_path / "run"))
+    metrics = json.loads((result.output_dir / "test_metrics.json").read_text())
+    assert metrics["setting"] == "unseen perturbations"
+    entry = metrics["perturbations"]["STAT1"]
+    assert {"no change", "train mean"} <= set(entry["baselines"])
+    # STAT1 is measured, and so are three training targets: the gene-PCA baseline applies
+    assert "linear (gene PCA)" in entry["baselines"]
+    model = load_task_model(result.output_dir)
+    from cellfoundry.models import load_model
+
+    base = load_model(base_models["bert"]).get_input_embeddings().weight
+    tokens = torch.tensor(model.config.perturbation_tokens)
+    torch.testing.assert_close(model.head.token_vectors, base[tokens])
+    assert model.config.heldout_perturbations == ["STAT1"]
+
+
+def test_unknown_perturbation_gene_and_learned_heldout_are_clear_errors(
+    tmp_path, papalexi_file, base_models
+) -> None:
+    with pytest.raises(ValueError, match="need perturbation_source='gene_token'"):
+        PerturbationConfig(perturbations=TARGETS, heldout_perturbations=["STAT1"])
+    adata = ad.read_h5ad(papalexi_file)
+    adata.obs["perturbation"] = adata.obs["perturbation"].astype(str).replace("IRF1", "NOTAGENE1")
+    path = tmp_path / "renamed.h5ad"
+    adata.write_h5ad(path)
+    targets = [t if t != "IRF1" else "NOTAGENE1" for t in TARGETS]
+    config = PerturbationConfig(
+        base_model=base_models["bert"],
+        group_key="batch",
+        perturbations=targets,
+        heldout_perturbations=["STAT1"],
+        perturbation_source="gene_token",
+        n_genes=100,
+    )
+    args = unseen_args(path, tmp_path / "run")
+    args.drop_labels = targets
+    with pytest.raises(ValueError, match=r"Unknown perturbation gene\(s\) \['NOTAGENE1'\]"):
+        run_finetuning(config, args)

@@ -56,6 +56,15 @@ class PerturbationConfig(TaskConfig):
         Response genes: the most variable (Seurat HVG) in the training groups' cells.
     head_hidden_size : int
         Width of the two-layer response MLP.
+    perturbation_source : {"learned", "gene_token"}
+        A learned vector per perturbation (cytokines, drugs), or, for genetic perturbations,
+        the pretrained encoder's token embedding of the targeted gene through a learned
+        linear map: the only kind that can predict a perturbation never seen in training.
+    heldout_perturbations : list of str
+        Perturbations no training cell learns (the unseen-perturbation split, with
+        ``perturbation_source="gene_token"``); scored at test time on the test control cells.
+    perturbation_tokens : list of int
+        Token of each perturbation's target gene (set by the runner for ``gene_token``).
     """
 
     task: ClassVar[str] = "perturbation"
@@ -67,10 +76,26 @@ class PerturbationConfig(TaskConfig):
     groups: list[str] = field(default_factory=list)
     n_genes: int = 2000
     head_hidden_size: int = 256
+    perturbation_source: str = "learned"
+    heldout_perturbations: list[str] = field(default_factory=list)
+    perturbation_tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.perturbation_source not in ("learned", "gene_token"):
+            raise ValueError(
+                f"perturbation_source={self.perturbation_source!r}; use 'learned' or 'gene_token'."
+            )
+        if self.heldout_perturbations and self.perturbation_source != "gene_token":
+            raise ValueError(
+                "Held-out (unseen) perturbations need perturbation_source='gene_token': a "
+                "learned vector of a perturbation never trained on is meaningless."
+            )
 
 
 class ResponseHead(nn.Module):
-    """Whiten the cell vector, add a learned perturbation vector, MLP -> change per gene.
+    """Whiten the cell vector, add a perturbation vector (learned, or the target gene's token
+    embedding through a learned linear map), MLP -> change per gene.
 
     Without ``perturbation_ids`` it predicts every perturbation: (B, P, G).
     """
@@ -84,11 +109,31 @@ class ResponseHead(nn.Module):
             )
         self.whitening = FixedWhitening(hidden_size)
         self.dropout = nn.Dropout(config.head_dropout)
-        self.perturbation_vectors = nn.Embedding(len(config.perturbations), hidden_size)
+        self.gene_token = config.perturbation_source == "gene_token"
+        if self.gene_token:
+            # filled from the encoder's input embedding by PerturbationTask.prepare_head
+            self.register_buffer(
+                "token_vectors", torch.zeros(len(config.perturbations), hidden_size)
+            )
+            self.token_norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
+            self.perturbation_projection = nn.Linear(hidden_size, hidden_size)
+        else:
+            self.perturbation_vectors = nn.Embedding(len(config.perturbations), hidden_size)
         width = config.head_hidden_size or hidden_size
         self.mlp = nn.Sequential(
             nn.Linear(2 * hidden_size, width), nn.GELU(), nn.Linear(width, len(config.genes))
         )
+
+    @property
+    def n_perturbations(self) -> int:
+        if self.gene_token:
+            return self.token_vectors.shape[0]
+        return self.perturbation_vectors.num_embeddings
+
+    def perturbation_vector(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.gene_token:
+            return self.perturbation_projection(self.token_norm(self.token_vectors[ids]))
+        return self.perturbation_vectors(ids)
 
     def forward(
         self,
@@ -99,12 +144,12 @@ class ResponseHead(nn.Module):
     ) -> TaskOutput:
         cells = self.dropout(self.whitening(vectors))  # (B, D)
         if perturbation_ids is None:
-            n_cells, n_perturbations = cells.shape[0], self.perturbation_vectors.num_embeddings
+            n_cells, n_perturbations = cells.shape[0], self.n_perturbations
             ids = torch.arange(n_perturbations, device=cells.device).repeat(n_cells)
             cells = cells.repeat_interleave(n_perturbations, dim=0)
         else:
             ids, n_cells, n_perturbations = perturbation_ids, cells.shape[0], 1
-        inputs = torch.cat([cells, self.perturbation_vectors(ids)], dim=-1)
+        inputs = torch.cat([cells, self.perturbation_vector(ids)], dim=-1)
         predicted = self.mlp(inputs).view(n_cells, n_perturbations, -1)
         loss = None
         if response is not None and perturbation_ids is not None:
@@ -199,7 +244,8 @@ class PerturbationTask(Task):
         """Response genes, perturbations and per-cell targets from the training groups.
 
         Training control cells each learn one perturbation: with several, cell ``i`` learns
-        perturbation ``i mod P`` (every perturbation gets the same share of cells).
+        the ``i mod P``-th trained perturbation (every one gets the same share of cells; held-out
+        perturbations are never learned).
         """
         from cellfoundry.evaluation.baselines import seurat_hvg
 
@@ -212,13 +258,25 @@ class PerturbationTask(Task):
             config.perturbations = sorted(set(condition[in_training & ~control]))
         if not config.perturbations:
             raise ValueError("The training groups hold no perturbed cells to learn from.")
+        unknown = sorted(set(config.heldout_perturbations) - set(config.perturbations))
+        if unknown:
+            raise ValueError(
+                f"Held-out perturbation(s) {unknown} are not among the perturbations "
+                f"{config.perturbations}."
+            )
+        trained = [p for p in config.perturbations if p not in config.heldout_perturbations]
+        if not trained:
+            raise ValueError("Every perturbation is held out: none is left to train on.")
+        if config.perturbation_source == "gene_token" and not config.perturbation_tokens:
+            config.perturbation_tokens = target_tokens(config.perturbations, extra["tokenizer"])
         if not config.genes:
             # sparse when X is: seurat_hvg never densifies every gene of every training cell
             chosen = seurat_hvg(_log_expression(adata[in_training]), config.n_genes)
             config.genes = [str(g) for g in adata.var_names[chosen]]
         means = group_means(adata, config, config.groups)
         group_values = obs[config.group_key].astype(str).to_numpy()
-        perturbation_ids = np.arange(len(obs)) % len(config.perturbations)
+        order = [config.perturbations.index(p) for p in trained]
+        perturbation_ids = np.asarray(order)[np.arange(len(obs)) % len(trained)]
         zeros = np.zeros(len(config.genes), dtype=np.float32)
         response = []
         for group, index in zip(group_values, perturbation_ids, strict=True):
@@ -238,6 +296,18 @@ class PerturbationTask(Task):
         """Nothing beyond what ``add_targets`` set."""
 
     @classmethod
+    @torch.no_grad()
+    def prepare_head(cls, model: nn.Module, loader: Any) -> None:
+        """Whitening from the training cells; for ``gene_token``, copy each target gene's input
+        embedding from the starting encoder (fixed from then on, a buffer saved with the head)."""
+        super().prepare_head(model, loader)
+        head = model.head
+        if head.gene_token:
+            embedding = model.backbone.get_input_embeddings().weight
+            tokens = torch.tensor(model.config.perturbation_tokens, device=embedding.device)
+            head.token_vectors.copy_(embedding[tokens].to(head.token_vectors))
+
+    @classmethod
     def score_test(
         cls, model: nn.Module, train_adata: Any, test_adata: Any, args: Any, **extra: Any
     ) -> dict[str, Any]:
@@ -246,6 +316,8 @@ class PerturbationTask(Task):
         from cellfoundry.tasks.predict import predict
 
         config, adata = model.config, extra["adata"]
+        if config.heldout_perturbations:
+            return score_unseen_perturbations(model, test_adata, args, adata)
         held = sorted(set(test_adata.obs[config.group_key].astype(str)))
         if len(held) != 1:
             raise ValueError(f"The test cells span groups {held}; hold out exactly one group.")
@@ -285,16 +357,18 @@ class PerturbationTask(Task):
         """Card rows: each metric of each perturbation beside its best baseline."""
         from cellfoundry.tasks.card import comparison_rows
 
-        held = metrics["heldout_group"]
+        held = metrics.get("heldout_group")
+        where = f"held-out group {held}" if held else "unseen perturbation"
         rows = [
             row
             for name, entry in metrics["perturbations"].items()
-            for row in comparison_rows(f"response to {name}, held-out group {held}", entry)
+            for row in comparison_rows(f"response to {name}, {where}", entry)
         ]
         training = (
-            f"`{Path(args.data).name}`, condition `{args.label_key}`, groups "
-            f"`{args.batch_key}` (held out: {metrics['heldout_group']}); {args.max_steps} "
-            f"steps of {args.batch_size} cells, learning rate {args.learning_rate}."
+            f"`{Path(args.data).name}`, condition `{args.label_key}`, "
+            + (f"groups `{args.batch_key}` (held out: {held}); " if held else "")
+            + f"{args.max_steps} steps of {args.batch_size} cells, learning rate "
+            f"{args.learning_rate}."
         )
         return {"rows": rows, "training": training}
 
@@ -395,3 +469,103 @@ def compare_responses(
             "verdict": verdict(low, high, lower_is_better=metric in LOWER_IS_BETTER),
         }
     return entry
+
+
+def target_tokens(perturbations: list[str], tokenizer: Any) -> list[int]:
+    """Token id of each perturbation's target gene (perturbations named by gene symbol or
+    Ensembl id); a target outside the vocabulary is a clear error."""
+    import pandas as pd
+
+    from cellfoundry.genes import resolve_genes
+
+    resolution = resolve_genes(pd.DataFrame(index=pd.Index(perturbations, dtype=str)))
+    tokens = tokenizer.column_tokens(resolution.ensembl_ids)
+    unknown = [p for p, t in zip(perturbations, tokens, strict=True) if t < 0]
+    if unknown:
+        raise ValueError(
+            f"Unknown perturbation gene(s) {unknown}: not gene symbols or Ensembl ids in the "
+            f"{tokenizer.name} vocabulary. perturbation_source='gene_token' needs each "
+            "perturbation named by its target gene; use 'learned' for non-genetic ones."
+        )
+    return [int(t) for t in tokens]
+
+
+def gene_pca_predictor(
+    all_genes: np.ndarray,
+    gene_names: list[str],
+    control: np.ndarray,
+    train_changes: dict[str, np.ndarray],
+    n_comps: int = 10,
+    alpha: float = 1.0,
+) -> Callable[[str], np.ndarray | None]:
+    """Ahlmann-Eltze et al.'s linear baseline for unseen genetic perturbations: a ridge map
+    from the target gene's PCA embedding (its loadings on the principal components of the
+    control cells' log1p values over every measured gene, ``all_genes``) to the mean change,
+    fitted on the training perturbations whose target is measured. Returns ``f(target)``: the
+    predicted change, or ``None`` for a target the data do not measure."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+
+    index = {g.upper(): i for i, g in enumerate(gene_names)}
+    pca = PCA(n_components=min(n_comps, all_genes.shape[1] - 1), random_state=0)
+    loadings = pca.fit(all_genes[control]).components_.T  # (genes, k)
+    known = [p for p in train_changes if p.upper() in index]
+    if len(known) < 2:
+        return lambda target: None
+    x = np.array([loadings[index[p.upper()]] for p in known])
+    model = Ridge(alpha=alpha).fit(x, np.array([train_changes[p] for p in known]))
+
+    def predict(target: str) -> np.ndarray | None:
+        row = index.get(target.upper())
+        return None if row is None else model.predict(loadings[row][None])[0]
+
+    return predict
+
+
+def score_unseen_perturbations(model: nn.Module, test_adata: Any, args: Any, adata: Any) -> dict:
+    """Each held-out perturbation's predicted profile on the test control cells vs its observed
+    cells (all groups), beside no change, train mean and the gene-PCA linear baseline."""
+    from cellfoundry.evaluation.perturbation import METRICS
+    from cellfoundry.tasks.predict import predict
+
+    config = model.config
+    if (test_adata.obs[config.condition_key].astype(str) != config.control_value).any():
+        raise ValueError(
+            "The test cells must be control cells; drop the perturbed conditions from the split."
+        )
+    control, _ = _condition_masks(adata, config)
+    condition = adata.obs[config.condition_key].astype(str).to_numpy()
+    logged = _log_normalized(adata, config.genes)
+    written = predict(test_adata, model, progress=False, allow_normalized=args.allow_normalized)
+    valid = ~np.isnan(written["response"][config.perturbations[0]]).any(axis=1)
+    held_control = _log_normalized(test_adata, config.genes)[valid]
+    trained = [p for p in config.perturbations if p not in config.heldout_perturbations]
+    control_mean = logged[control].mean(0)
+    train_changes = {p: logged[condition == p].mean(0) - control_mean for p in trained}
+    train_profile = np.mean([logged[condition == p].mean(0) for p in trained], axis=0)
+    every_gene = _log_expression(adata)
+    every_gene = np.asarray(every_gene.toarray() if hasattr(every_gene, "toarray") else every_gene)
+    linear = gene_pca_predictor(
+        every_gene, list(adata.var_names.astype(str)), control, train_changes
+    )
+    scores: dict[str, Any] = {"setting": "unseen perturbations", "perturbations": {}}
+    for name in config.heldout_perturbations:
+        observed_cells = logged[condition == name]
+        if observed_cells.shape[0] == 0:
+            continue
+        predictors: dict[str, Callable] = {
+            "model": lambda m, change: m + change,
+            "no change": lambda m, change: m,
+            "train mean": lambda m, change: train_profile,
+        }
+        shift = linear(name)
+        if shift is not None:
+            predictors["linear (gene PCA)"] = lambda m, change, shift=shift: m + shift
+        change = written["response"][name][valid]
+        scores["perturbations"][name] = compare_responses(
+            predictors, held_control, observed_cells, change, args.seed
+        )
+    entries = list(scores["perturbations"].values())
+    for metric in METRICS:
+        scores[metric] = float(np.nanmean([e["model"][metric] for e in entries]))
+    return scores
