@@ -13,7 +13,9 @@ Splits: cells are split by the runner (``split_strategy=random``, stratified by
 standard's regulators (seeded by ``tf_split_seed``) never label a training pair and are the
 only TFs scored at test time, on the test cells, with BEELINE's metrics
 (:mod:`cellfoundry.evaluation.grn`) beside Pearson, Spearman, GENIE3 and random rankings of the
-same TFs on the same cells, with a paired bootstrap over held-out TFs.
+same TFs on the same cells, and beside the target-degree prior (how many training TFs regulate
+each target: what a classifier can learn from the labels alone), with a paired bootstrap over
+held-out TFs.
 """
 
 from __future__ import annotations
@@ -232,6 +234,15 @@ def pair_classifier_edges(
     return universe.edge_table(matrix)
 
 
+def target_degree_edges(config: GRNConfig, universe: Any) -> pd.DataFrame:
+    """The label-only baseline a supervised GRN method must beat: rank every TF's edges by how
+    many training TFs regulate the target (some genes are targets of many TFs in DoRothEA), a
+    prior learnable from the training edges without any expression."""
+    degree = pd.Series([target for _, target in config.train_edges]).value_counts()
+    row = np.array([float(degree.get(g, 0)) for g in universe.genes])
+    return universe.edge_table(np.tile(row, (len(universe.tfs), 1)))
+
+
 def _universe_of(adata: Any, genes: list[str], tfs: list[str]):
     """The :class:`GeneUniverse` of ``genes`` (symbols) in ``adata``'s columns."""
     from cellfoundry.grn.edges import GeneUniverse
@@ -353,6 +364,7 @@ class GRNTask(Task):
                 genie3_edges(cells, universe, GENIE3_TREES, GENIE3_CELLS, seed=args.seed)
             ]
         tables["random"] = [random_edges(universe, seed=s) for s in RANDOM_SEEDS]
+        tables["target degree (training edges)"] = [target_degree_edges(config, universe)]
 
         def mean_scores(items: list[pd.DataFrame]) -> dict[str, float]:
             each = [grn_scores(t, gold).to_dict() for t in items]
