@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +48,9 @@ def clustered_file(source: Path, seed: int, n_clusters: int, work: Path) -> tupl
 
 
 def finetune(data: Path, cluster: str, seed: int, out: Path, args) -> dict:
-    command = [
-        sys.executable,
-        str(ROOT / "finetuning" / "finetune.py"),
-        "--task",
-        "perturbation",
-        "--data",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        str(args.max_steps),
+    from cellfoundry._benchmarking import run_finetuning_process
+
+    overrides = [
         "label_key=perturbation",
         "batch_key=cluster",
         "split_strategy=holdout",
@@ -72,20 +61,13 @@ def finetune(data: Path, cluster: str, seed: int, out: Path, args) -> dict:
         f"batch_size={args.batch_size}",
         f"learning_rate={args.lr}",
         f"head_learning_rate={args.head_lr}",
-        f"eval_every={args.max_steps}",
-        "log_every=10",
-        "overwrite_output_dir=true",
-        "progress_bar=false",
         f"task.base_model={args.model}",
         f"task.tuning={args.mode}",
         f"task.n_genes={args.n_genes}",
     ]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"cluster {cluster} seed {seed} failed:\n{done.stderr[-3000:]}")
-    metrics = json.loads((out / "test_metrics.json").read_text())
-    return {"metrics": metrics, "wall_s": round(time.perf_counter() - start, 1)}
+    return run_finetuning_process(
+        "perturbation", data, out, args.max_steps, overrides, f"cluster {cluster} seed {seed}"
+    )
 
 
 def markdown(report: dict) -> str:
@@ -140,7 +122,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from cellfoundry._benchmarking import command_line, package_version, write_report
+    from cellfoundry._benchmarking import short_environment, write_report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="Kang-like .h5ad")
@@ -174,11 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": NAME,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "runs": runs,
-        "environment": {
-            "command": command_line(),
-            "versions": {n: package_version(n) for n in ("torch", "peft", "cellfoundry")},
-            "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
+        "environment": short_environment(),
         "mean_model_minus_best": {
             metric: float(
                 np.mean(

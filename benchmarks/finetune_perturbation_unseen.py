@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -52,18 +49,9 @@ def perturbations_of(path: Path) -> tuple[list[str], list[str]]:
 
 
 def finetune(seed: int, heldout: list[str], kept: list[str], others: list[str], args) -> dict:
-    out = args.work / f"seed{seed}"
-    command = [
-        sys.executable,
-        str(ROOT / "finetuning" / "finetune.py"),
-        "--task",
-        "perturbation",
-        "--data",
-        str(args.data),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        str(args.max_steps),
+    from cellfoundry._benchmarking import run_finetuning_process
+
+    overrides = [
         "label_key=perturbation",
         "split_strategy=random",
         f"drop_labels={json.dumps(others)}",
@@ -72,10 +60,6 @@ def finetune(seed: int, heldout: list[str], kept: list[str], others: list[str], 
         f"batch_size={args.batch_size}",
         f"learning_rate={args.lr}",
         f"head_learning_rate={args.head_lr}",
-        f"eval_every={args.max_steps}",
-        "log_every=10",
-        "overwrite_output_dir=true",
-        "progress_bar=false",
         f"task.base_model={args.model}",
         "task.tuning=lora",
         "task.group_key=batch",
@@ -84,12 +68,10 @@ def finetune(seed: int, heldout: list[str], kept: list[str], others: list[str], 
         f"task.heldout_perturbations={json.dumps(heldout)}",
         f"task.n_genes={args.n_genes}",
     ]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"seed {seed} failed:\n{done.stderr[-3000:]}")
-    metrics = json.loads((out / "test_metrics.json").read_text())
-    return {"metrics": metrics, "wall_s": round(time.perf_counter() - start, 1)}
+    out = args.work / f"seed{seed}"
+    return run_finetuning_process(
+        "perturbation", args.data, out, args.max_steps, overrides, f"seed {seed}"
+    )
 
 
 def markdown(report: dict) -> str:
@@ -135,7 +117,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from cellfoundry._benchmarking import command_line, package_version, write_report
+    from cellfoundry._benchmarking import short_environment, write_report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA)
@@ -172,11 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"seeds: better {verdicts.count('better')}, no difference "
             f"{verdicts.count('no difference')}, worse {verdicts.count('worse')}."
         ),
-        "environment": {
-            "command": command_line(),
-            "versions": {n: package_version(n) for n in ("torch", "peft", "cellfoundry")},
-            "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
+        "environment": short_environment(),
     }
     text = markdown(report)
     write_report(args.out / f"{NAME}.json", report, text)

@@ -19,9 +19,6 @@ Writes ``benchmarks/results/grn.{json,md}``; edge tables go to ``runs/grn/``.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -172,18 +169,9 @@ def score_dataset(name: str, args) -> dict:
 
 def supervised(name: str, seed: int, args) -> dict:
     """One pair-classifier run through finetune.py; its test metrics."""
-    out = args.work / name / f"classifier-seed{seed}"
-    command = [
-        sys.executable,
-        str(ROOT / "finetuning" / "finetune.py"),
-        "--task",
-        "grn",
-        "--data",
-        str(SHARED / DATASETS[name]),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        str(args.max_steps),
+    from cellfoundry._benchmarking import run_finetuning_process
+
+    overrides = [
         f"label_key={SPLIT_KEYS[name]}",
         "split_strategy=random",
         f"seed={seed}",
@@ -191,10 +179,6 @@ def supervised(name: str, seed: int, args) -> dict:
         f"batch_size={args.batch_size}",
         f"learning_rate={args.lr}",
         f"head_learning_rate={args.head_lr}",
-        f"eval_every={args.max_steps}",
-        "log_every=20",
-        "overwrite_output_dir=true",
-        "progress_bar=false",
         f"task.base_model={args.model}",
         f"task.gold={SHARED / GOLDS['DoRothEA A-C'][0]}",
         "task.confidence=ABC",
@@ -203,12 +187,11 @@ def supervised(name: str, seed: int, args) -> dict:
         f"task.tf_split_seed={seed}",
         f"task.max_cells_scored={args.attention_cells}",
     ]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} seed {seed} failed:\n{done.stderr[-3000:]}")
-    metrics = json.loads((out / "test_metrics.json").read_text())
-    return {"seed": seed, "metrics": metrics, "wall_s": round(time.perf_counter() - start, 1)}
+    out = args.work / name / f"classifier-seed{seed}"
+    run = run_finetuning_process(
+        "grn", SHARED / DATASETS[name], out, args.max_steps, overrides, f"{name} seed {seed}"
+    )
+    return {"seed": seed, **run}
 
 
 def _cell(values: dict, metric: str) -> str:
@@ -315,7 +298,7 @@ def verdict_lines(report: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from cellfoundry._benchmarking import command_line, package_version, write_report
+    from cellfoundry._benchmarking import short_environment, write_report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -357,11 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
                 epr = run["metrics"]["model"]["epr"]
                 print(f"  classifier seed {seed}: EPR {epr:.3f} ({run['wall_s']:.0f} s)")
     report["verdict"] = verdict_lines(report)
-    report["environment"] = {
-        "command": command_line(),
-        "versions": {n: package_version(n) for n in ("torch", "scikit-learn", "cellfoundry")},
-        "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    report["environment"] = short_environment()
     text = markdown(report)
     write_report(args.out / f"{NAME}.json", report, text)
     print(text)

@@ -192,3 +192,22 @@ def test_one_section_cannot_be_split_across_sections(tmp_path, dlpfc_file, base_
     config = NicheConfig(base_model=base_models["bert"])
     with pytest.raises(ValueError, match="holds out every batch"):
         run_finetuning(config, niche_args(path, tmp_path / "run", [one]))
+
+
+def test_finetune_niche_benchmark_runs_one_setting(tmp_path, base_models) -> None:
+    """Smoke test of benchmarks/finetune_niche.py (2 steps, one seed, both contexts)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    path = REPO / "benchmarks" / "finetune_niche.py"
+    spec = importlib.util.spec_from_file_location("finetune_niche", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--settings", "starmap-density", "--seeds", "0", "--max-steps", "2"]
+    argv += ["--model", base_models["bert"], "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
+    report = module.main(argv)
+    runs = report["results"]["starmap-density"]["runs"]
+    assert [r["context"] for r in runs] == ["own", "neighbours"]
+    text = (tmp_path / "finetune_niche.md").read_text()
+    assert "| ridge (PCA, neighbourhood) |" in text and "neighbour context changes" in text

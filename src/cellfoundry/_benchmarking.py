@@ -50,6 +50,53 @@ def git_state(root: Path) -> dict[str, Any]:
     }
 
 
+def run_finetuning_process(
+    task: str, data: Path, out: Path, max_steps: int, overrides: list[str], description: str
+) -> dict[str, Any]:
+    """Run ``finetuning/finetune.py --task TASK`` in a child process with the settings every
+    benchmark shares (final evaluation only, quiet, overwriting ``out``) plus ``overrides``;
+    its ``test_metrics.json`` and wall time."""
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    command = [
+        sys.executable,
+        str(root / "finetuning" / "finetune.py"),
+        "--task",
+        task,
+        "--data",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(max_steps),
+        f"eval_every={max_steps}",
+        "log_every=10",
+        "overwrite_output_dir=true",
+        "progress_bar=false",
+        *overrides,
+    ]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{description} failed:\n{done.stderr[-3000:]}")
+    metrics = json.loads((Path(out) / "test_metrics.json").read_text())
+    return {"metrics": metrics, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def short_environment() -> dict[str, Any]:
+    """Command, versions and time of a benchmark run (the scripts without child metering)."""
+    import time
+
+    return {
+        "command": command_line(),
+        "versions": {
+            n: package_version(n) for n in ("torch", "peft", "scikit-learn", "cellfoundry")
+        },
+        "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def command_line() -> str:
     """How this benchmark was started (script name and arguments)."""
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])

@@ -43,6 +43,15 @@ def _universe_lookup(adata: Any, universe: GeneUniverse, tokenizer: Any) -> np.n
     return lookup
 
 
+def _setup(adata: Any, universe: GeneUniverse, model: Any, device: str | None):
+    """(encoder, device, tokenizer, universe lookup) of a model method."""
+    from cellfoundry.embedding import _load_encoder, _tokenizer_for
+
+    encoder, device_obj = _load_encoder(model, device)
+    tokenizer = _tokenizer_for(encoder, None)
+    return encoder, device_obj, tokenizer, _universe_lookup(adata, universe, tokenizer)
+
+
 def _cell_rows(n_obs: int, max_cells: int | None, seed: int) -> np.ndarray:
     rows = np.arange(n_obs)
     if max_cells is not None and n_obs > max_cells:
@@ -117,17 +126,14 @@ def attention_edges(
     """
     import torch
 
-    from cellfoundry.embedding import _load_encoder, _tokenizer_for
-
-    encoder, device_obj = _load_encoder(model, device)
+    encoder, device_obj, tokenizer, lookup = _setup(adata, universe, model, device)
+    lookup = torch.from_numpy(lookup)
     layers = getattr(encoder, "layers", [])
     if not layers or not all(hasattr(layer, "attention") for layer in layers):
         raise ValueError(
             f"method 'attention' needs an attention backbone; {encoder.config.model_type} has "
             "none. Use method 'embedding' or 'deletion' with this model."
         )
-    tokenizer = _tokenizer_for(encoder, None)
-    lookup = torch.from_numpy(_universe_lookup(adata, universe, tokenizer))
     size = len(universe.genes)
     sums = torch.zeros(size * size, dtype=torch.float64)
     counts = torch.zeros(size * size, dtype=torch.int64)
@@ -178,11 +184,8 @@ def embedding_similarity_edges(
     """Cosine of cell-averaged, gene-centred contextual embeddings of TF and target."""
     import torch
 
-    from cellfoundry.embedding import _load_encoder, _tokenizer_for
-
-    encoder, device_obj = _load_encoder(model, device)
-    tokenizer = _tokenizer_for(encoder, None)
-    lookup = torch.from_numpy(_universe_lookup(adata, universe, tokenizer))
+    encoder, device_obj, tokenizer, lookup = _setup(adata, universe, model, device)
+    lookup = torch.from_numpy(lookup)
     size, width = len(universe.genes), encoder.config.hidden_size
     sums = torch.zeros((size, width), dtype=torch.float64)
     counts = torch.zeros(size, dtype=torch.int64)
@@ -226,12 +229,9 @@ def deletion_edges(
 
     ``output_dir`` keeps the resumable in-silico run (default: a temporary folder).
     """
-    from cellfoundry.embedding import _load_encoder, _tokenizer_for
     from cellfoundry.in_silico import in_silico_perturbation
 
-    encoder, device_obj = _load_encoder(model, device)
-    tokenizer = _tokenizer_for(encoder, None)
-    lookup = _universe_lookup(adata, universe, tokenizer)
+    encoder, device_obj, tokenizer, lookup = _setup(adata, universe, model, device)
     tf_positions = universe.tf_positions()
     in_vocab = [t for t, p in zip(universe.tfs, tf_positions, strict=True) if (lookup == p).any()]
     matrix = np.full((len(universe.tfs), len(universe.genes)), np.nan)
