@@ -12,7 +12,8 @@ paired bootstrap over test cells.
     python benchmarks/finetune_niche.py                                  # every setting, 3 seeds
     python benchmarks/finetune_niche.py --settings starmap-composition --seeds 0
 
-Writes ``benchmarks/results/finetune_niche.{json,md}`` (settings not run this time are kept).
+Writes ``benchmarks/results/finetune_niche.{json,md}`` (settings, seeds and contexts not run this
+time are kept from the previous file).
 """
 
 from __future__ import annotations
@@ -221,7 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for name in args.settings:
         spec = SETTINGS[name]
-        runs = []
+        # runs of other seeds / contexts from an earlier invocation are kept
+        earlier = report["results"].get(name, {}).get("runs", [])
+        runs = [
+            r for r in earlier if r["seed"] not in args.seeds or r["context"] not in args.contexts
+        ]
         for seed in args.seeds:
             for context in args.contexts:
                 out = args.work / name / f"{context}-seed{seed}"
