@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.append({"seed": seed, "context": context, **result})
                 value = result["metrics"]["model"][PRIMARY[spec["target"]]]
                 print(f"{name} seed {seed} {context}: {PRIMARY[spec['target']]} {value:.4f}")
+        runs.sort(key=lambda r: (r["seed"], list(CONTEXTS).index(r["context"])))
         report["results"][name] = {
             "runs": runs,
             "summary": summarise(runs, spec["target"]),
