@@ -124,17 +124,19 @@ class NicheHead(nn.Module):
         return TaskOutput(loss=loss, logits=logits, embeddings=vectors)
 
 
-def spatial_targets(adata: Any, config: NicheConfig) -> dict[str, Any]:
-    """Graph, radius and per-cell targets of ``adata`` (every cell, every section)."""
-    from cellfoundry.data.spatial import (
-        default_radius,
-        neighbor_density,
-        neighbor_graph,
-        neighborhood_composition,
-    )
+def spatial_graph(adata: Any, config: NicheConfig) -> tuple[Any, float]:
+    """The radius graph within sections, and the radius (the config's, or the default)."""
+    from cellfoundry.data.spatial import default_radius, neighbor_graph
 
     radius = config.radius or default_radius(adata, section_key=config.section_key)
-    graph = neighbor_graph(adata, "radius", radius=radius, section_key=config.section_key)
+    return neighbor_graph(adata, "radius", radius=radius, section_key=config.section_key), radius
+
+
+def spatial_targets(adata: Any, config: NicheConfig) -> dict[str, Any]:
+    """Graph, radius and per-cell targets of ``adata`` (every cell, every section)."""
+    from cellfoundry.data.spatial import neighbor_density, neighborhood_composition
+
+    graph, radius = spatial_graph(adata, config)
     out: dict[str, Any] = {"graph": graph, "radius": radius}
     if config.target == "composition":
         composition = neighborhood_composition(graph, adata.obs[config.label_key])
@@ -232,7 +234,7 @@ class NicheTask(Task):
         config = model.config
         if not config.neighbor_context:
             return {}
-        graph = spatial_targets(adata, config)["graph"]
+        graph, _ = spatial_graph(adata, config)  # needs coordinates only, not the labels
         return {"neighbor_vector": neighbor_vectors(adata, config, graph, **options)}
 
     @classmethod
