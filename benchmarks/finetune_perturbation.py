@@ -118,6 +118,33 @@ def markdown(report: dict) -> str:
             else "not shown (mixed or overlapping)"
         )
         lines.append(f"| {metric} | {'; '.join(cells)} | {verdict} |")
+    lines += ["", "## Verdict", ""]
+    for metric in METRICS:
+        verdicts = [
+            r["metrics"]["perturbations"]["IFN-beta"]["comparison"][metric]["verdict"]
+            for r in report["runs"]
+        ]
+        lines.append(
+            f"- {metric}: better than the best baseline in {verdicts.count('better')} of "
+            f"{len(verdicts)} runs, worse in {verdicts.count('worse')}, no difference in "
+            f"{verdicts.count('no difference')}."
+        )
+    deltas = [
+        r["metrics"]["perturbations"]["IFN-beta"]["comparison"]["pearson_delta"]["difference"]
+        for r in report["runs"]
+    ]
+    lines.append(
+        "- We do not beat the best baseline overall (usually the linear model on PCA of "
+        "Ahlmann-Eltze et al.): the fine-tuned head's pearson_delta differs from it by "
+        f"{min(deltas):+.3f} to {max(deltas):+.3f} per run, winning some clusters and losing "
+        "others."
+        if not all(
+            r["metrics"]["perturbations"]["IFN-beta"]["comparison"]["pearson_delta"]["verdict"]
+            == "better"
+            for r in report["runs"]
+        )
+        else "- The model beats the best baseline on pearson_delta in every run."
+    )
     return "\n".join(lines) + "\n"
 
 
