@@ -10,15 +10,17 @@ baseline per metric by a paired bootstrap over regulators. The supervised pair c
 (``finetuning/finetune.py --task grn``) is trained per seed on 70% of the DoRothEA regulators
 and scored on the other 30%, beside the baselines on the same held-out TFs and test cells.
 
-    python benchmarks/grn.py                                  # kang liao dlpfc, 3 seeds
-    python benchmarks/grn.py --datasets kang --seeds 0 --supervised-datasets
+    python benchmarks/grn.py --supervised-datasets            # kang liao dlpfc, 3 seeds
+    python benchmarks/grn.py --datasets kang --supervised-only --supervised-datasets kang
 
-Writes ``benchmarks/results/grn.{json,md}``; edge tables go to ``runs/grn/``.
+Writes ``benchmarks/results/grn.{json,md}`` (``grn_supervised`` with ``--supervised-only``)
+after each dataset; edge tables go to ``runs/grn/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -285,15 +287,23 @@ def verdict_lines(report: dict) -> list[str]:
                     total += 1
                     if c["verdict"] == "better":
                         wins.append(f"{method} {metric} on {name} / {gold_name}")
-    lines = [
-        f"- Unsupervised model methods beat the best baseline (CI above 0) in {len(wins)} of "
-        f"{total} comparisons" + (f": {', '.join(wins)}." if wins else ".")
-    ]
-    for name, runs in report.get("supervised", {}).items():
-        verdicts = [r["metrics"]["comparison"]["epr"]["verdict"] for r in runs]
+    lines = []
+    if total:
         lines.append(
-            f"- Pair classifier on {name}: EPR vs best baseline per seed: {', '.join(verdicts)}."
+            f"- Unsupervised model methods beat the best baseline (CI above 0) in {len(wins)} "
+            f"of {total} comparisons" + (f": {', '.join(wins)}." if wins else ".")
         )
+    for name, runs in report.get("supervised", {}).items():
+        for metric in ("epr", "auroc"):
+            verdicts = [
+                f"{r['metrics']['comparison'][metric]['verdict']} (vs "
+                f"{r['metrics']['comparison'][metric]['best_baseline']})"
+                for r in runs
+            ]
+            lines.append(
+                f"- Pair classifier on {name}, held-out TFs, {metric} vs the best baseline per "
+                f"seed: {', '.join(verdicts)}."
+            )
     return lines
 
 
@@ -318,33 +328,70 @@ def main(argv: list[str] | None = None) -> dict:
         default=list(DATASETS),
         help="datasets that also get the pair-classifier runs (none: skip them)",
     )
+    parser.add_argument(
+        "--supervised-only",
+        action="store_true",
+        help="only the pair-classifier runs of --supervised-datasets (grn_supervised.json)",
+    )
+    parser.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="reuse a classifier run folder that finished with the same steps and cells",
+    )
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--head-lr", type=float, default=1e-3)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / NAME)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    name_out = f"{NAME}_supervised" if args.supervised_only else NAME
     report: dict = {
-        "benchmark": NAME,
+        "benchmark": name_out,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "datasets": {},
         "supervised": {},
+        "environment": short_environment(),
     }
+
+    def write() -> str:
+        report["verdict"] = verdict_lines(report)
+        text = markdown(report)
+        write_report(args.out / f"{name_out}.json", report, text)
+        return text
+
     for name in args.datasets:
-        report["datasets"][name] = score_dataset(name, args)
+        if not args.supervised_only:
+            report["datasets"][name] = score_dataset(name, args)
+            write()  # after each dataset: partial progress survives an interruption
         if name in args.supervised_datasets:
             report["supervised"][name] = []
             for seed in args.seeds:
-                run = supervised(name, seed, args)
+                run = reused_run(name, seed, args) if args.reuse_runs else None
+                run = run or supervised(name, seed, args)
                 report["supervised"][name].append(run)
                 epr = run["metrics"]["model"]["epr"]
                 print(f"  classifier seed {seed}: EPR {epr:.3f} ({run['wall_s']:.0f} s)")
-    report["verdict"] = verdict_lines(report)
-    report["environment"] = short_environment()
-    text = markdown(report)
-    write_report(args.out / f"{NAME}.json", report, text)
+                write()
+    text = write()
     print(text)
     return report
+
+
+def reused_run(name: str, seed: int, args) -> dict | None:
+    """A finished classifier run of the same steps and scored cells, if its folder has one."""
+    import yaml
+
+    out = args.work / name / f"classifier-seed{seed}"
+    try:
+        metrics = json.loads((out / "test_metrics.json").read_text())
+        steps = yaml.safe_load((out / "run_args.yaml").read_text())["max_steps"]
+        cells = json.loads((out / "task_config.json").read_text())["max_cells_scored"]
+    except (OSError, KeyError, ValueError):
+        return None
+    if steps != args.max_steps or cells != args.attention_cells:
+        return None
+    print(f"  reusing {out}")
+    return {"seed": seed, "metrics": metrics, "wall_s": float("nan"), "reused": True}
 
 
 if __name__ == "__main__":
