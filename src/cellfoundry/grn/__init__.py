@@ -8,13 +8,27 @@ evidence), scored with :mod:`cellfoundry.evaluation.grn`; the supervised pair cl
 ``grn`` task (:mod:`cellfoundry.tasks.grn`).
 """
 
-from cellfoundry.grn.baselines import correlation_edges, genie3_edges, random_edges
-from cellfoundry.grn.edges import GeneUniverse, gene_universe, write_edges
-from cellfoundry.grn.model_scores import (
-    attention_edges,
-    deletion_edges,
-    embedding_similarity_edges,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cellfoundry.grn.edges import GeneUniverse
+
+# Functions load with their submodule on first use (numpy, pandas, scikit-learn, torch), so
+# ``METHODS`` is cheap to import: the CLI builds ``--method`` choices from it for ``--help``.
+_LAZY = {
+    "correlation_edges": "cellfoundry.grn.baselines",
+    "genie3_edges": "cellfoundry.grn.baselines",
+    "random_edges": "cellfoundry.grn.baselines",
+    "GeneUniverse": "cellfoundry.grn.edges",
+    "gene_universe": "cellfoundry.grn.edges",
+    "write_edges": "cellfoundry.grn.edges",
+    "attention_edges": "cellfoundry.grn.model_scores",
+    "deletion_edges": "cellfoundry.grn.model_scores",
+    "embedding_similarity_edges": "cellfoundry.grn.model_scores",
+}
 
 METHODS = (
     "attention",
@@ -29,32 +43,34 @@ METHODS = (
 MODEL_METHODS = ("attention", "embedding", "deletion", "classifier")
 
 
-def infer_edges(adata, universe: GeneUniverse, method: str, seed: int = 0, **options):
+def infer_edges(adata: Any, universe: GeneUniverse, method: str, seed: int = 0, **options: Any):
     """Edge table of one ``method`` (see :data:`METHODS`) over ``universe``."""
+    from cellfoundry.grn import baselines, model_scores
+
     if method in ("pearson", "spearman"):
-        return correlation_edges(adata, universe, method=method)
+        return baselines.correlation_edges(adata, universe, method=method)
     if method == "genie3":
-        return genie3_edges(adata, universe, seed=seed, **options)
+        return baselines.genie3_edges(adata, universe, seed=seed, **options)
     if method == "random":
-        return random_edges(universe, seed=seed)
+        return baselines.random_edges(universe, seed=seed)
     if method == "attention":
-        return attention_edges(adata, universe, seed=seed, **options)
+        return model_scores.attention_edges(adata, universe, seed=seed, **options)
     if method == "embedding":
-        return embedding_similarity_edges(adata, universe, seed=seed, **options)
+        return model_scores.embedding_similarity_edges(adata, universe, seed=seed, **options)
     if method == "deletion":
-        return deletion_edges(adata, universe, seed=seed, **options)
+        return model_scores.deletion_edges(adata, universe, seed=seed, **options)
     if method == "classifier":
         return _classifier_edges(adata, universe, seed=seed, **options)
     raise ValueError(f"method={method!r}; use one of {METHODS}.")
 
 
 def _classifier_edges(
-    adata,
+    adata: Any,
     universe: GeneUniverse,
     model: str,
     seed: int = 0,
     device: str | None = None,
-    **options,
+    **options: Any,
 ):
     """Edges of a fine-tuned ``grn`` task model (a folder) for the universe's TFs it knows."""
     from cellfoundry.tasks import load_task_model, pair_classifier_edges
@@ -70,6 +86,12 @@ def _classifier_edges(
     if not tfs:
         raise ValueError(f"None of the data's TFs are in the gene universe of {model}.")
     return pair_classifier_edges(task_model, adata, tfs, seed=seed, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cellfoundry.grn' has no attribute {name!r}")
 
 
 __all__ = [
