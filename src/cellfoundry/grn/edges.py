@@ -108,6 +108,19 @@ def gene_universe(
     )
 
 
+def universe_of_genes(adata: Any, genes: list[str], tfs: list[str]) -> GeneUniverse:
+    """The universe of known ``genes`` (upper-case symbols, e.g. a fine-tuned model's) in
+    ``adata``'s columns; a symbol held by several columns takes the first."""
+    first: dict[str, int] = {}
+    for column, symbol in enumerate(adata.var_names.astype(str).str.upper()):
+        first.setdefault(symbol, column)
+    missing = [g for g in genes if g not in first]
+    if missing:
+        raise ValueError(f"Gene(s) {missing[:10]} of the universe are not in the data's var_names.")
+    columns = np.array([first[g] for g in genes], dtype=np.int64)
+    return GeneUniverse(columns, tuple(genes), tuple(tfs))
+
+
 def universe_expression(adata: Any, universe: GeneUniverse) -> np.ndarray:
     """log1p-normalised values of the universe's genes, dense (cells, genes) float64."""
     import scipy.sparse as sp

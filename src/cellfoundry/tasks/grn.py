@@ -243,16 +243,6 @@ def target_degree_edges(config: GRNConfig, universe: Any) -> pd.DataFrame:
     return universe.edge_table(np.tile(row, (len(universe.tfs), 1)))
 
 
-def _universe_of(adata: Any, genes: list[str], tfs: list[str]):
-    """The :class:`GeneUniverse` of ``genes`` (symbols) in ``adata``'s columns."""
-    from cellfoundry.grn.edges import GeneUniverse
-
-    symbols = pd.Index(adata.var_names.astype(str).str.upper())
-    columns = np.array([symbols.get_loc(g) for g in genes])
-    columns = np.array([c if np.isscalar(c) else np.flatnonzero(c)[0] for c in columns])
-    return GeneUniverse(columns.astype(np.int64), tuple(genes), tuple(tfs))
-
-
 @register_task
 class GRNTask(Task):
     name = "grn"
@@ -293,7 +283,7 @@ class GRNTask(Task):
         """Universe, TF split and training edges; the labels live in the head, not the cells."""
         from cellfoundry.evaluation.grn import gold_standard, read_edges, read_tf_list
         from cellfoundry.genes import resolve_genes
-        from cellfoundry.grn.edges import gene_universe
+        from cellfoundry.grn.edges import gene_universe, universe_of_genes
 
         for name in ("gold", "tf_list"):
             path = getattr(config, name)
@@ -309,7 +299,7 @@ class GRNTask(Task):
             config.genes = list(universe.genes)
             columns = universe.columns
         else:
-            columns = _universe_of(adata, config.genes, []).columns
+            columns = universe_of_genes(adata, config.genes, []).columns
         tokens = tokenizer.column_tokens(resolve_genes(adata.var).ensembl_ids)
         config.gene_tokens = [int(tokens[c]) for c in columns]
         gold = gold_standard(read_edges(config.gold, config.confidence), config.genes, tfs)
@@ -344,18 +334,15 @@ class GRNTask(Task):
             tf_bootstrap_differences,
         )
         from cellfoundry.grn import correlation_edges, genie3_edges, random_edges
+        from cellfoundry.grn.edges import universe_of_genes
+        from cellfoundry.grn.model_scores import _cell_rows
 
         config = model.config
         gold = gold_standard(
             read_edges(config.gold, config.confidence), config.genes, config.heldout_tfs, "gold"
         )
-        rows = np.sort(
-            np.random.default_rng(args.seed).choice(
-                test_adata.n_obs, min(test_adata.n_obs, config.max_cells_scored or 10**9), False
-            )
-        )
-        cells = test_adata[rows].copy()
-        universe = _universe_of(cells, config.genes, list(gold.tfs))
+        cells = test_adata[_cell_rows(test_adata.n_obs, config.max_cells_scored, args.seed)].copy()
+        universe = universe_of_genes(cells, config.genes, list(gold.tfs))
         tables = {"model": [pair_classifier_edges(model, cells, list(gold.tfs))]}
         tables["Pearson"] = [correlation_edges(cells, universe, "pearson")]
         tables["Spearman"] = [correlation_edges(cells, universe, "spearman")]
