@@ -46,6 +46,12 @@ def _tokenizer_for(encoder, tokenizer):
     return tokenizer
 
 
+def _context_length(encoder, max_length: int | None) -> int:
+    """Tokens per cell: ``max_length``, capped at (and by default) the model's context."""
+    positions = encoder.config.max_position_embeddings
+    return min(max_length or positions, positions)
+
+
 def _pad_batch(ranked, cells: np.ndarray, context: np.ndarray, pad_id: int):
     import torch
 
@@ -128,9 +134,7 @@ def embed(
 
     encoder, device_obj = _load_encoder(model, device)
     tokenizer = _tokenizer_for(encoder, tokenizer)
-    limit = min(
-        max_length or encoder.config.max_position_embeddings, encoder.config.max_position_embeddings
-    )
+    limit = _context_length(encoder, max_length)
     options = TokenizeOptions(max_length=limit, layer=counts_layer, **tokenize_options)
     report = TokenizeReport(input=str(adata) if isinstance(adata, str) else "<AnnData>")
     out: np.ndarray | None = None

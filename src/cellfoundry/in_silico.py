@@ -300,7 +300,7 @@ def in_silico_perturbation(
     import torch
     from tqdm.auto import tqdm
 
-    from cellfoundry.embedding import _load_encoder, _tokenizer_for, embed
+    from cellfoundry.embedding import _context_length, _load_encoder, _tokenizer_for, embed
     from cellfoundry.tokenization import TokenizeOptions, TokenizeReport, iter_tokenized
 
     if mode not in MODES:
@@ -312,9 +312,7 @@ def in_silico_perturbation(
     tokenizer = _tokenizer_for(encoder, None)
     tokens = _gene_tokens(adata.var, list(genes), tokenizer)
     rows = _select_cells(adata.obs, target, max_cells, seed)
-    limit = min(
-        max_length or encoder.config.max_position_embeddings, encoder.config.max_position_embeddings
-    )
+    limit = _context_length(encoder, max_length)
     folder = Path(output_dir)
     settings = {
         "genes": list(genes),

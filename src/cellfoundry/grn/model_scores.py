@@ -61,12 +61,10 @@ def _cell_rows(n_obs: int, max_cells: int | None, seed: int) -> np.ndarray:
 
 def _batches(adata, encoder, tokenizer, rows, batch_size, max_length, tokenize_options):
     """Padded (ids, mask, context) batches of the chosen cells, tokenized chunk by chunk."""
-    from cellfoundry.embedding import _length_sorted_batches, _pad_batch
+    from cellfoundry.embedding import _context_length, _length_sorted_batches, _pad_batch
     from cellfoundry.tokenization import TokenizeOptions, TokenizeReport, iter_tokenized
 
-    limit = min(
-        max_length or encoder.config.max_position_embeddings, encoder.config.max_position_embeddings
-    )
+    limit = _context_length(encoder, max_length)
     options = TokenizeOptions(max_length=limit, chunk_size=1024, **tokenize_options)
     report = TokenizeReport(input="<AnnData>")
     for block in iter_tokenized(adata[rows], tokenizer, options, report):
