@@ -130,11 +130,19 @@ def neighborhood_composition(graph: sp.csr_matrix, labels: Any) -> Composition:
     return Composition(fractions.astype(np.float32), types.tolist(), totals.ravel() > 0)
 
 
+def neighborhood_size(radius: float, dimensions: int = 2) -> float:
+    """Area (2-D: pi r^2) or volume (3-D: 4/3 pi r^3) of a neighbourhood of ``radius``."""
+    return np.pi * radius**2 if dimensions == 2 else 4 / 3 * np.pi * radius**3
+
+
+def neighbor_counts(graph: sp.csr_matrix) -> np.ndarray:
+    """Neighbours of each cell (row sums of the graph)."""
+    return np.asarray(graph.sum(axis=1)).ravel()
+
+
 def neighbor_density(graph: sp.csr_matrix, radius: float, dimensions: int = 2) -> np.ndarray:
-    """Neighbours per unit area (2-D: / pi r^2) or volume (3-D: / 4/3 pi r^3)."""
-    count = np.asarray(graph.sum(axis=1)).ravel()
-    size = np.pi * radius**2 if dimensions == 2 else 4 / 3 * np.pi * radius**3
-    return (count / size).astype(np.float64)
+    """Neighbours per unit area (2-D) or volume (3-D): counts / :func:`neighborhood_size`."""
+    return (neighbor_counts(graph) / neighborhood_size(radius, dimensions)).astype(np.float64)
 
 
 def neighborhood_average(graph: sp.csr_matrix, values: Any, include_self: bool = True) -> Any:

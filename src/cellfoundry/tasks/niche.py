@@ -6,7 +6,8 @@ Targets come from :mod:`cellfoundry.data.spatial` on a radius graph built within
 (``section_key``): ``region`` is an obs label (cross-entropy, macro-F1); ``composition`` the
 fractions of each cell type among the neighbours within the radius (softmax head trained with
 cross-entropy against the fractions, scored by MSE and per-type Pearson); ``density`` the
-neighbours per unit area (regression on its log1p, scored by MSE).
+neighbours within the radius (regression on log1p of the count, scored by MSE on that scale;
+written as neighbours per unit area, or volume for 3-D coordinates).
 
 ``neighbor_context``: the head also reads the mean pooled vector of the cell's spatial
 neighbours, taken from the frozen *base* encoder (mean pooling), both in training and at
@@ -54,6 +55,8 @@ class NicheConfig(TaskConfig):
     radius : float or None
         Neighbourhood radius in coordinate units; ``None``: the median distance to the 10th
         nearest neighbour (set by the runner and saved).
+    dimensions : int
+        2 or 3: the coordinates' dimensions (set by the runner; density is per area or volume).
     neighbor_context : bool
         Add the frozen base encoder's mean neighbour vector to the head's input.
     labels : list of str
@@ -65,6 +68,7 @@ class NicheConfig(TaskConfig):
     label_key: str = "region"
     section_key: str | None = "section"
     radius: float | None = None
+    dimensions: int = 2
     neighbor_context: bool = False
     labels: list[str] = field(default_factory=list)
     head_hidden_size: int = 128
@@ -81,7 +85,7 @@ class NicheConfig(TaskConfig):
 
 class NicheHead(nn.Module):
     """Whitened cell vector (+ whitened neighbour vector) -> MLP -> class logits, composition
-    logits or log density."""
+    logits or log1p of the neighbour count."""
 
     def __init__(self, config: NicheConfig, hidden_size: int) -> None:
         super().__init__()
@@ -134,7 +138,7 @@ def spatial_graph(adata: Any, config: NicheConfig) -> tuple[Any, float]:
 
 def spatial_targets(adata: Any, config: NicheConfig) -> dict[str, Any]:
     """Graph, radius and per-cell targets of ``adata`` (every cell, every section)."""
-    from cellfoundry.data.spatial import neighbor_density, neighborhood_composition
+    from cellfoundry.data.spatial import neighbor_counts, neighborhood_composition
 
     graph, radius = spatial_graph(adata, config)
     out: dict[str, Any] = {"graph": graph, "radius": radius}
@@ -152,9 +156,7 @@ def spatial_targets(adata: Any, config: NicheConfig) -> dict[str, Any]:
             out["values"], out["types"] = composition.fractions, composition.types
         out["usable"] = composition.has_neighbors
     elif config.target == "density":
-        dims = adata.obsm["spatial"].shape[1]
-        density = neighbor_density(graph, radius, dims)
-        out["values"] = np.log1p(density * np.pi * radius**2)[:, None].astype(np.float32)
+        out["values"] = np.log1p(neighbor_counts(graph))[:, None].astype(np.float32)
         out["usable"] = np.ones(adata.n_obs, dtype=bool)
     return out
 
@@ -242,7 +244,8 @@ class NicheTask(Task):
         cls, adata: Any, config: TaskConfig, outputs: dict[str, Any]
     ) -> dict[str, Any]:
         """Regions: ``obs["cellfoundry_niche"]``; composition: ``obsm`` fractions (cells, T);
-        density: ``obs`` neighbours per unit area. NaN where a cell was not tokenized."""
+        density: ``obs`` neighbours per unit area (volume in 3-D). NaN where a cell was not
+        tokenized."""
         import pandas as pd
 
         valid, logits = outputs["valid"], outputs["logits"]
@@ -260,11 +263,14 @@ class NicheTask(Task):
                 adata.obsm[f"{PREDICTION_KEY}_composition"] = fractions
                 adata.uns[f"{PREDICTION_KEY}_types"] = list(config.labels)
             return {"composition": fractions}
-        density = np.full(valid.size, np.nan, dtype=np.float32)
-        density[valid] = np.expm1(logits[:, 0]) / (np.pi * config.radius**2)
+        from cellfoundry.data.spatial import neighborhood_size
+
+        neighbors = np.full(valid.size, np.nan, dtype=np.float32)
+        neighbors[valid] = np.expm1(logits[:, 0])
+        density = neighbors / neighborhood_size(config.radius, config.dimensions)
         if hasattr(adata, "obs"):
             adata.obs[f"{PREDICTION_KEY}_density"] = density
-        return {"density": density}
+        return {"density": density, "neighbors": neighbors}
 
     # -- fine-tuning runner hooks ----------------------------------------------------------
     @classmethod
@@ -282,6 +288,7 @@ class NicheTask(Task):
             config.labels = sorted(train_obs[config.label_key].astype(str).unique())
         targets = spatial_targets(adata, config)
         config.radius = float(targets["radius"])
+        config.dimensions = int(adata.obsm["spatial"].shape[1])
         rows = np.asarray(dataset["row"], dtype=np.int64)
         columns: list[str] = []
         if config.target == "region":
@@ -320,10 +327,10 @@ class NicheTask(Task):
             ours = np.asarray(written["labels"].astype(str))
             return classification_comparison(truth, ours, baselines["predictions"], args.seed)
         observed = baselines["observed"]
-        ours = written[config.target]
-        ours = ours[:, None] if ours.ndim == 1 else ours
         if config.target == "density":  # compare on the log1p(count) scale trained on
-            ours = np.log1p(ours * np.pi * config.radius**2)
+            ours = np.log1p(written["neighbors"])[:, None]
+        else:
+            ours = written["composition"]
         return regression_comparison(
             observed, ours, baselines["predictions"], baselines["usable"], args.seed
         )
