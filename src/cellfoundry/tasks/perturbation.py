@@ -535,7 +535,9 @@ def score_unseen_perturbations(model: nn.Module, test_adata: Any, args: Any, ada
         )
     control, _ = _condition_masks(adata, config)
     condition = adata.obs[config.condition_key].astype(str).to_numpy()
-    logged = _log_normalized(adata, config.genes)
+    every_gene = _log_expression(adata)  # once: the response genes and the gene-PCA baseline
+    every_gene = np.asarray(every_gene.toarray() if hasattr(every_gene, "toarray") else every_gene)
+    logged = every_gene[:, adata.var_names.get_indexer(config.genes)]
     written = predict(test_adata, model, progress=False, allow_normalized=args.allow_normalized)
     valid = ~np.isnan(written["response"][config.perturbations[0]]).any(axis=1)
     held_control = _log_normalized(test_adata, config.genes)[valid]
@@ -543,8 +545,6 @@ def score_unseen_perturbations(model: nn.Module, test_adata: Any, args: Any, ada
     control_mean = logged[control].mean(0)
     train_changes = {p: logged[condition == p].mean(0) - control_mean for p in trained}
     train_profile = np.mean([logged[condition == p].mean(0) for p in trained], axis=0)
-    every_gene = _log_expression(adata)
-    every_gene = np.asarray(every_gene.toarray() if hasattr(every_gene, "toarray") else every_gene)
     linear = gene_pca_predictor(
         every_gene, list(adata.var_names.astype(str)), control, train_changes
     )
