@@ -82,7 +82,77 @@ SETTINGS = {
         "the tokenizer ranks them, baselines take log1p); one slice -> the other.",
     },
 }
+SETTINGS.update(
+    {
+        "seqfish-region": {
+            "file": "spatial_seqfish_visualcortex_zhu2018.h5ad",
+            "prepare": "seqfish",
+            "target": "region",
+            "label": "region",
+            "section": "block",
+            "holdout": ["bottom"],
+            "drop": [],
+            "allow_normalized": True,
+            "note": "seqFISH mouse visual cortex (Zhu 2018, 125 genes via orthologs), 9 HMRF "
+            "domains, one field of view. Released as z-scores: tokenized as exp(z) "
+            "(`cellfoundry.tokenization.zscores`: same gene order as z within a cell), baselines "
+            "take the z-scores as they are. No second section: the field is cut into three "
+            "bands along y, across the layers (every domain is in every band); train on the "
+            "top and middle bands, test on the bottom one, graphs within bands.",
+        },
+        "intestine-zone": {
+            "file": "spatialzone_intestine_moor2018.h5ad",
+            "target": "region",
+            "label": "region",
+            "section": None,
+            "split": "random",
+            "contexts": ["own"],
+            "drop": [],
+            "allow_normalized": False,
+            "note": "Mouse small-intestine enterocytes (Moor 2018), villus zones V0-V6. "
+            "Dissociated cells: no coordinates, so no neighbourhood context or neighbourhood "
+            "baseline; stratified random split (20% test) per seed. The zones were inferred "
+            "by the authors from landmark-gene expression, so expression baselines are "
+            "expected to be strong.",
+        },
+    }
+)
 PRIMARY = {"region": "macro_f1", "composition": "mse", "density": "mse"}
+
+
+def prepared_data(spec: dict, work: Path) -> Path:
+    """The file a setting trains on: the shared file, or a prepared copy in ``work``."""
+    source = DATA / spec["file"]
+    if spec.get("prepare") != "seqfish":
+        return source
+    import anndata as ad
+
+    from cellfoundry.tokenization.zscores import positive_from_zscores
+
+    target = work / "prepared" / "seqfish_exp_z.h5ad"
+    if target.is_file():
+        return target
+    adata = ad.read_h5ad(source)
+    prepared = positive_from_zscores(adata)
+    y = np.asarray(adata.obsm["spatial"])[:, 1]
+    cuts = np.quantile(y, [1 / 3, 2 / 3])
+    prepared.obs["block"] = np.select([y < cuts[0], y < cuts[1]], ["bottom", "middle"], "top")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial.h5ad")
+    prepared.write_h5ad(partial)
+    partial.replace(target)  # never a half-written file under the final name
+    return target
+
+
+def split_options(spec: dict) -> list[str]:
+    """Hold out whole sections, or (no sections) a stratified random fifth per seed."""
+    if spec.get("split", "holdout") == "random":
+        return ["split_strategy=random"]
+    return [
+        f"batch_key={spec['section']}",
+        "split_strategy=holdout",
+        f"holdout={json.dumps(spec['holdout'])}",
+    ]
 
 
 def finetune(spec: dict, context: str, seed: int, out: Path, args) -> dict:
@@ -92,15 +162,13 @@ def finetune(spec: dict, context: str, seed: int, out: Path, args) -> dict:
         "--task",
         "niche",
         "--data",
-        str(DATA / spec["file"]),
+        str(prepared_data(spec, args.work)),
         "--output_dir",
         str(out),
         "--max_steps",
         str(args.max_steps),
         f"label_key={spec['label']}",
-        f"batch_key={spec['section']}",
-        "split_strategy=holdout",
-        f"holdout={json.dumps(spec['holdout'])}",
+        *split_options(spec),
         f"drop_labels={json.dumps(spec['drop'])}",
         f"split_seed={seed}",
         f"seed={seed}",
@@ -116,7 +184,7 @@ def finetune(spec: dict, context: str, seed: int, out: Path, args) -> dict:
         "task.tuning=lora",
         f"task.target={spec['target']}",
         f"task.label_key={spec['label']}",
-        f"task.section_key={spec['section']}",
+        f"task.section_key={spec['section'] or 'null'}",
         f"task.neighbor_context={str(CONTEXTS[context]).lower()}",
     ]
     return run_finetune_process(command, out, args.threads, f"{context} seed {seed}")
@@ -227,8 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
         runs = [
             r for r in earlier if r["seed"] not in args.seeds or r["context"] not in args.contexts
         ]
+        contexts = [c for c in args.contexts if c in spec.get("contexts", CONTEXTS)]
         for seed in args.seeds:
-            for context in args.contexts:
+            for context in contexts:
                 out = args.work / name / f"{context}-seed{seed}"
                 result = finetune(spec, context, seed, out, args)
                 runs.append({"seed": seed, "context": context, **result})

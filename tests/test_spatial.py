@@ -212,3 +212,56 @@ def test_finetune_niche_benchmark_runs_one_setting(tmp_path, base_models) -> Non
     assert [r["context"] for r in runs] == ["own", "neighbours"]
     text = (tmp_path / "finetune_niche.md").read_text()
     assert "| ridge (PCA, neighbourhood) |" in text and "neighbour context changes" in text
+
+
+def test_region_without_coordinates_trains_on_own_tokens_only(tmp_path, base_models) -> None:
+    """Intestinal villus zones: dissociated cells, no obsm['spatial']. A region head from the
+    cell's own tokens trains and predicts; asking for neighbour context is a clear error."""
+    from cellfoundry.tasks import NicheConfig, load_task_model, predict, run_finetuning
+
+    adata = ad.read_h5ad(shared_file("spatialzone_intestine_moor2018.h5ad"))
+    assert "spatial" not in adata.obsm
+    rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, 240, replace=False))
+    data = tmp_path / "intestine.h5ad"
+    adata[rows].copy().write_h5ad(data)
+    config = NicheConfig(base_model=base_models["bert"], target="region", section_key=None)
+    args = niche_args(data, tmp_path / "run", None, split_strategy="random", batch_key=None)
+    result = run_finetuning(config, args)
+    metrics = json.loads((result.output_dir / "test_metrics.json").read_text())
+    assert set(metrics["baselines"]) == {
+        "logistic regression (PCA, own)",
+        "kNN (PCA, own)",
+        "majority class",
+    }
+    cells = ad.read_h5ad(data)
+    predict(cells, load_task_model(result.output_dir), progress=False)
+    assert set(cells.obs["cellfoundry_niche"].dropna()) <= set(config.labels)
+    with_context = NicheConfig(
+        base_model=base_models["bert"], target="region", section_key=None, neighbor_context=True
+    )
+    with pytest.raises(ValueError, match=r"No obsm\['spatial'\] coordinates"):
+        args = niche_args(data, tmp_path / "ctx", None, split_strategy="random", batch_key=None)
+        run_finetuning(with_context, args)
+
+
+def test_zscores_tokenize_in_the_order_of_z(human_tokenizer) -> None:
+    """seqFISH z-scores: refused as they are (negative), accepted as exp(z) with the gene
+    order of z inside each cell; baselines read z back."""
+    from cellfoundry.evaluation.baselines import log_input
+    from cellfoundry.tokenization import TokenizeOptions, tokenize_to_table
+    from cellfoundry.tokenization.zscores import positive_from_zscores
+
+    adata = ad.read_h5ad(shared_file("spatial_seqfish_visualcortex_zhu2018.h5ad"))[:50].copy()
+    with pytest.raises(ValueError, match="positive_from_zscores"):
+        tokenize_to_table(adata, human_tokenizer, TokenizeOptions(allow_normalized=True))
+    positive = positive_from_zscores(adata)
+    z = np.asarray(adata.X)
+    order = np.argsort(-positive.X, axis=1, kind="stable")
+    np.testing.assert_array_equal(order, np.argsort(-z, axis=1, kind="stable"))
+    np.testing.assert_allclose(np.asarray(log_input(positive)[0]), z, atol=1e-5)
+    options = TokenizeOptions(allow_normalized=True, max_length=64)
+    table, report = tokenize_to_table(positive, human_tokenizer, options)
+    assert table.num_rows == 50 and report.n_genes_in_vocab == 85  # 85 of 125 mouse genes map
+    adata.X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        positive_from_zscores(adata)

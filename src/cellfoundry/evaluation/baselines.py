@@ -108,11 +108,16 @@ def log_input(adata: Any) -> tuple[Any, str]:
 
     Values that are neither counts nor log-normalised (``uns["x_kind"]``, e.g. MERFISH's
     volume-normalised values) are log1p-transformed and used as log-normalised input: the one
-    rule every baseline applies to such data.
+    rule every baseline applies to such data. z-scores tokenized as ``exp(z)``
+    (:mod:`cellfoundry.tokenization.zscores`) go back to ``z``.
     """
+    from cellfoundry.tokenization.zscores import X_KIND as EXP_Z
+
     x_kind = str(adata.uns.get("x_kind", "counts"))
     if x_kind in ("counts", "lognorm"):
         return adata.X, x_kind
+    if x_kind == EXP_Z:  # z-scores stored as exp(z) for the tokenizer: baselines read z itself
+        return np.log(adata.X), "lognorm"
     return np.log1p(adata.X), "lognorm"
 
 

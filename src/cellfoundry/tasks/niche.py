@@ -18,7 +18,9 @@ Splits: the runner's ``holdout`` split with ``batch_key`` = the section column h
 sections (train on some sections, test on another). Baselines fitted on the training cells in
 the same run: logistic / ridge regression on PCA of each cell's own expression, the same on
 PCA of neighbourhood-averaged expression (the classic spatial baseline), kNN on PCA, and the
-majority class / training mean.
+majority class / training mean. A region label from the cell's own tokens is the one target
+that needs no coordinates (dissociated cells with inferred zones, e.g. intestinal villus zones);
+the neighbourhood baseline and context are then absent.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from cellfoundry.data.spatial import SPATIAL_KEY
 from cellfoundry.tasks.base import Task, TaskConfig, TaskOutput, register_task
 from cellfoundry.tasks.heads import FixedWhitening
 
@@ -126,6 +129,12 @@ class NicheHead(nn.Module):
         elif self.target == "density" and niche_target is not None:
             loss = functional.mse_loss(logits[:, 0], niche_target[:, 0])
         return TaskOutput(loss=loss, logits=logits, embeddings=vectors)
+
+
+def needs_coordinates(config: NicheConfig) -> bool:
+    """Only a region label from the cell's own tokens can do without ``obsm["spatial"]``
+    (e.g. villus zones inferred for dissociated cells); every other target reads the graph."""
+    return config.target != "region" or bool(config.neighbor_context)
 
 
 def spatial_graph(adata: Any, config: NicheConfig) -> tuple[Any, float]:
@@ -286,9 +295,11 @@ class NicheTask(Task):
             )
         if not config.labels and config.target != "density":
             config.labels = sorted(train_obs[config.label_key].astype(str).unique())
-        targets = spatial_targets(adata, config)
-        config.radius = float(targets["radius"])
-        config.dimensions = int(adata.obsm["spatial"].shape[1])
+        targets: dict[str, Any] = {}
+        if needs_coordinates(config) or SPATIAL_KEY in adata.obsm:
+            targets = spatial_targets(adata, config)
+            config.radius = float(targets["radius"])
+            config.dimensions = int(adata.obsm[SPATIAL_KEY].shape[1])
         rows = np.asarray(dataset["row"], dtype=np.int64)
         columns: list[str] = []
         if config.target == "region":
@@ -366,7 +377,8 @@ def niche_baselines(
     from cellfoundry.data.spatial import neighborhood_average
     from cellfoundry.evaluation.baselines import log_input, log_normalize, seurat_hvg
 
-    targets = spatial_targets(adata, config)
+    spatial = needs_coordinates(config) or SPATIAL_KEY in adata.obsm
+    targets = spatial_targets(adata, config) if spatial else {}
     index = {name: i for i, name in enumerate(adata.obs_names)}
     train = np.array([index[n] for n in train_adata.obs_names])
     test = np.array([index[n] for n in test_adata.obs_names])
@@ -374,9 +386,11 @@ def niche_baselines(
     genes = seurat_hvg(logged[train], 2000)
     own = logged[:, genes]
     own = own.toarray() if hasattr(own, "toarray") else np.asarray(own)
-    averaged = np.asarray(neighborhood_average(targets["graph"], own))
+    inputs = {"own": own}
+    if spatial:  # without coordinates there is no neighbourhood to average over
+        inputs["neighbourhood"] = np.asarray(neighborhood_average(targets["graph"], own))
     features = {}
-    for name, values in (("own", own), ("neighbourhood", averaged)):
+    for name, values in inputs.items():
         pca = PCA(n_components=min(50, len(genes), train.size - 1), random_state=seed)
         pca.fit(values[train])
         features[name] = (pca.transform(values[train]), pca.transform(values[test]))

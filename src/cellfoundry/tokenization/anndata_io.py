@@ -406,7 +406,9 @@ class CountReader:
             raise ValueError(
                 f"The matrix has {int(negative.sum())} negative values (first in cell {cell!r}); "
                 "rank-value tokens need raw counts >= 0. Use the raw counts (layer='counts' or "
-                "layer='raw'), not scaled or z-scored data."
+                "layer='raw'), not scaled data; for data released only as z-scores, tokenize "
+                "cellfoundry.tokenization.zscores.positive_from_zscores(adata) with "
+                "allow_normalized=True."
             )
         fractional = data != np.floor(data)
         if fractional.any():
