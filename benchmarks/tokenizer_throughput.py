@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from cellfoundry._benchmarking import (
+    command_line,
     cpu_model,
     git_state,
     package_version,
@@ -379,6 +380,7 @@ def environment() -> dict:
     import numba
 
     return {
+        "command": command_line(),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),

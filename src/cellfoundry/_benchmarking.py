@@ -153,6 +153,10 @@ def run_measured(
 
 
 def write_report(output: Path, report: dict[str, Any], markdown: str) -> None:
-    """Write ``report`` as JSON to ``output`` and ``markdown`` beside it (``.md``), atomically."""
+    """Write ``report`` as JSON to ``output`` and ``markdown`` beside it (``.md``), atomically,
+    after checking it against the results schema (nothing is written when it fails)."""
+    from cellfoundry.bench.schema import validate_results
+
+    validate_results(json.loads(json.dumps(report, default=str)), output.name)
     atomic_write_text(output, json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(output.with_suffix(".md"), markdown)

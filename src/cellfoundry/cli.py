@@ -286,6 +286,16 @@ def _add_misc(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def _add_bench(sub) -> None:
+    from cellfoundry.bench.suite import add_arguments, run_from_arguments
+
+    p = sub.add_parser(
+        "bench", help="run the benchmark suite against its baselines; write SUMMARY.md"
+    )
+    add_arguments(p)
+    p.set_defaults(func=run_from_arguments)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellfoundry", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -297,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_perturb(sub)
     _add_grn(sub)
+    _add_bench(sub)
     _add_misc(sub)
     return parser
 

@@ -116,6 +116,8 @@ def render_model_card(config: Any, info: ModelCardInfo, name: str = "cellfoundry
     """Model card text: YAML metadata (huggingface_hub's format) and a Markdown body."""
     from huggingface_hub import ModelCardData
 
+    from cellfoundry.bench.cards import rows_for, summary_table
+
     data = ModelCardData(
         library_name="cellfoundry",
         license=info.license,
@@ -158,6 +160,13 @@ Cells: {info.n_cells if info.n_cells is not None else "not recorded"}. Compute: 
 ## Metrics beside baselines
 
 {_metrics_table(info.metrics)}
+
+## Benchmark summary
+
+Rows of `benchmarks/results/SUMMARY.md` measured with this model (mean over seeds, best
+baseline of the same run, 95% interval of the difference):
+
+{summary_table(rows_for(name))}
 
 ## Limitations
 

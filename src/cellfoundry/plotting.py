@@ -22,34 +22,49 @@ def pick_color_column(obs, requested: str | None = None) -> str | None:
     return next((c for c in DEFAULT_COLOR_COLUMNS if c in obs.columns), None)
 
 
-def umap_plot(embedding: np.ndarray, labels, path: str | Path, title: str, seed: int = 0) -> Path:
-    """Write a 2-D UMAP scatter of ``embedding`` (cells, D) coloured by ``labels`` to a PNG.
-
-    Requires ``umap-learn`` and ``matplotlib`` (``pip install "cellfoundry[plot]"``).
-    """
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, with a clear error when missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ValueError(
+            f"Plots need matplotlib ({error}); pip install 'cellfoundry[plot]'."
+        ) from error
+    return plt
+
+
+def umap_coordinates(embedding: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """2-D UMAP of the finite rows of ``embedding``; returns (coordinates, finite mask)."""
+    try:
         import umap
     except ImportError as error:
         raise ValueError(
-            f"--plot needs umap-learn and matplotlib ({error}); pip install 'cellfoundry[plot]'."
+            f"UMAP pictures need umap-learn ({error}); pip install 'cellfoundry[plot]'."
         ) from error
     finite = np.isfinite(embedding).all(axis=1)
-    coords = umap.UMAP(random_state=seed, n_neighbors=15).fit_transform(embedding[finite])
-    figure, axis = plt.subplots(figsize=(7, 6), dpi=120)
+    return umap.UMAP(random_state=seed, n_neighbors=15).fit_transform(embedding[finite]), finite
+
+
+def scatter_by_label(axis, coords: np.ndarray, labels, title: str, legend: bool = True) -> None:
+    """One UMAP panel: points coloured by ``labels`` (or plain when None)."""
     if labels is None:
         axis.scatter(coords[:, 0], coords[:, 1], s=4, alpha=0.7)
     else:
-        values = np.asarray(labels).astype(str)[finite]
+        values = np.asarray(labels).astype(str)
         for value in sorted(set(values)):
             chosen = values == value
             axis.scatter(coords[chosen, 0], coords[chosen, 1], s=4, alpha=0.7, label=value)
-        axis.legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        if legend:
+            axis.legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     axis.set(title=title, xlabel="UMAP 1", ylabel="UMAP 2", xticks=[], yticks=[])
-    figure.tight_layout()
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Save ``figure`` as a PNG atomically (never a half-written file) and close it."""
+    plt = pyplot()
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
     os.close(fd)
@@ -62,3 +77,17 @@ def umap_plot(embedding: np.ndarray, labels, path: str | Path, title: str, seed:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def umap_plot(embedding: np.ndarray, labels, path: str | Path, title: str, seed: int = 0) -> Path:
+    """Write a 2-D UMAP scatter of ``embedding`` (cells, D) coloured by ``labels`` to a PNG.
+
+    Requires ``umap-learn`` and ``matplotlib`` (``pip install "cellfoundry[plot]"``).
+    """
+    plt = pyplot()
+    coords, finite = umap_coordinates(embedding, seed)
+    figure, axis = plt.subplots(figsize=(7, 6), dpi=120)
+    chosen = None if labels is None else np.asarray(labels)[finite]
+    scatter_by_label(axis, coords, chosen, title)
+    figure.tight_layout()
+    return save_figure(figure, path)

@@ -43,6 +43,7 @@ def render_task_card(config: Any, name: str) -> str:
     """Card text: YAML metadata (huggingface_hub's format), then a Markdown body."""
     from huggingface_hub import ModelCardData
 
+    from cellfoundry.bench.cards import rows_for, summary_table
     from cellfoundry.hub import _metrics_table
 
     metrics = config.metrics or {}
@@ -82,6 +83,13 @@ or `cellfoundry predict cells.h5ad out.h5ad --model {name}`.
 ## Metrics beside baselines (test split)
 
 {_metrics_table(metrics.get("rows", []))}
+
+## The base model on this task in the benchmark summary
+
+Rows of `benchmarks/results/SUMMARY.md` for `{config.base_model}` on `{config.task}` (the
+benchmark's own data and splits, not this model's):
+
+{summary_table(rows_for(config.base_model, config.task))}
 
 ## Limitations
 
