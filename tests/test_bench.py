@@ -118,3 +118,32 @@ def test_smoke_tier_runs_every_task_and_writes_the_summary(tmp_path, base_models
     assert "charts/umap_starmap.png" in text
     models = {row["model"] for row in summary["rows"] if row["task"] == "niche"}
     assert models == {Path(base_models["bert"]).name}  # --model reached the scripts
+
+
+def test_task_and_shipped_cards_show_the_published_rows(summary, tmp_path, monkeypatch) -> None:
+    """A fine-tuned model's card shows its base model's rows for its task (where a baseline
+    won, the verdict says so); a shipped model's card shows every row measured with it."""
+    from cellfoundry.bench import cards
+    from cellfoundry.hub import ModelCardInfo, model_path, render_model_card
+    from cellfoundry.tasks import NicheConfig
+    from cellfoundry.tasks.card import render_task_card
+
+    _, written = summary
+    package_file = tmp_path / "benchmark_summary.json"
+    package_file.write_text(json.dumps(written))
+    monkeypatch.setattr(cards, "PACKAGE_SUMMARY", package_file)
+    niche_rows = cards.rows_for("cellfoundry-tiny-bert", "niche")
+    assert niche_rows
+    text = render_task_card(NicheConfig(base_model="cellfoundry-tiny-bert"), "my-niche-model")
+    section = text.split("## The base model on this task in the benchmark summary")[1]
+    assert section.count("| niche |") == len(niche_rows) and "| worse |" in section
+    from transformers import AutoConfig
+
+    import cellfoundry.models  # noqa: F401  (registers the model types)
+
+    folder = model_path("cellfoundry-tiny-bert")
+    card = render_model_card(
+        AutoConfig.from_pretrained(folder), ModelCardInfo.load(folder), "cellfoundry-tiny-bert"
+    )
+    shipped = card.split("## Benchmark summary")[1].split("## Limitations")[0]
+    assert shipped.count("\n| ") == len(cards.rows_for("cellfoundry-tiny-bert")) + 1  # + header

@@ -361,6 +361,10 @@ def run_from_arguments(args: Any) -> int:
         out = Path(args.out or benchmarks_dir() / "results")
         # only the repository's own results feed the shipped model cards
         publish = out.resolve() == (benchmarks_dir() / "results").resolve()
+        if not args.no_charts and not list((out / "charts").glob("umap_*.png")):
+            from cellfoundry.bench.umaps import embedding_umaps
+
+            embedding_umaps(out / "charts", model=args.model, tier="full")
         write_summary(out, charts=not args.no_charts, publish=publish)
         print(f"summary: {Path(out) / SUMMARY_MD}")
         return 0

@@ -58,6 +58,9 @@ def collect_rows(results: Path) -> tuple[list[SummaryRow], dict[str, Any]]:
             continue
         report = json.loads(path.read_text())
         found = extract(report, path.name)
+        for row in found:  # a local folder is named by its last part; Hub ids stay whole
+            if row.model.startswith(("/", ".")):
+                row.model = Path(row.model).name
         rows.extend(found)
         environment = report.get("environment") or {}
         sources[path.name] = {
