@@ -166,9 +166,15 @@ def markdown(rows: list[SummaryRow], sources: dict[str, Any], env: dict, charts:
                 f"{_with_sd(r.ours, r.ours_sd, r.n_seeds)} | {r.best_baseline or '–'} | "
                 f"{_with_sd(r.baseline, r.baseline_sd, r.n_seeds)} | {_ci(r)} | {r.verdict} |"
             )
-        notes = sorted({r.note for r in chosen if r.note})
+        notes: dict[str, list[str]] = {}  # note -> the rows it belongs to
+        for r in chosen:
+            if r.note:
+                notes.setdefault(r.note, []).append(f"{r.setting} · {r.metric}")
         if notes:
-            lines += [""] + [f"- {n}" for n in notes]
+            lines += ["", "Notes:", ""]
+            for note, where in notes.items():
+                scope = where[0] if len(where) == 1 else f"{where[0]} (+{len(where) - 1} rows)"
+                lines.append(f"- *{scope}*: {note}")
         for picture in charts.get(task, []):
             lines += ["", f"![{task}]({picture})"]
     pictures = charts.get("embeddings", [])
