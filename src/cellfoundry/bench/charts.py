@@ -28,13 +28,10 @@ def _compared(rows: list[SummaryRow], with_interval: bool) -> dict[str, list[Sum
     return {m: r[:MAX_ROWS_PER_PANEL] for m, r in by_metric.items()}
 
 
-def bar_chart(task: str, rows: list[SummaryRow], path: Path) -> Path | None:
-    """Ours vs the best baseline per row, one panel per metric, sd error bars."""
-    groups = _compared(rows, with_interval=False)
-    if not groups:
-        return None
+def _panels(groups: dict[str, list[SummaryRow]], per_row: float, minimum: float):
+    """A figure with one panel per metric, each as tall as its rows need."""
     plt = pyplot()
-    heights = [max(2.5, 0.45 * len(r) + 1.2) for r in groups.values()]
+    heights = [max(minimum, per_row * len(r) + 1.2) for r in groups.values()]
     figure, axes = plt.subplots(
         len(groups),
         1,
@@ -43,6 +40,15 @@ def bar_chart(task: str, rows: list[SummaryRow], path: Path) -> Path | None:
         squeeze=False,
         gridspec_kw={"height_ratios": heights},
     )
+    return plt, figure, axes
+
+
+def bar_chart(task: str, rows: list[SummaryRow], path: Path) -> Path | None:
+    """Ours vs the best baseline per row, one panel per metric, sd error bars."""
+    groups = _compared(rows, with_interval=False)
+    if not groups:
+        return None
+    _, figure, axes = _panels(groups, per_row=0.45, minimum=2.5)
     for axis, (metric, chosen) in zip(axes[:, 0], groups.items(), strict=True):
         y = np.arange(len(chosen))
         ours = [r.ours for r in chosen]
@@ -80,16 +86,7 @@ def forest_plot(task: str, rows: list[SummaryRow], path: Path) -> Path | None:
     groups = _compared(rows, with_interval=True)
     if not groups:
         return None
-    plt = pyplot()
-    heights = [max(2.2, 0.35 * len(r) + 1.2) for r in groups.values()]
-    figure, axes = plt.subplots(
-        len(groups),
-        1,
-        figsize=(9, sum(heights)),
-        dpi=110,
-        squeeze=False,
-        gridspec_kw={"height_ratios": heights},
-    )
+    plt, figure, axes = _panels(groups, per_row=0.35, minimum=2.2)
     for axis, (metric, chosen) in zip(axes[:, 0], groups.items(), strict=True):
         for i, row in enumerate(chosen):
             colour = COLOURS.get(row.verdict, "#333333")

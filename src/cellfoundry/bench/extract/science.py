@@ -453,15 +453,29 @@ def _grn_supervised_rows(
         setting = (
             f"{GRN_DATASETS.get(name, name)} / {GRN_SUPERVISED_GOLD}, held-out TFs: pair classifier"
         )
-        for metric in _metric_names((run["metrics"] for run in runs), GRN_METRICS):
-            units = [
-                _unit(run["seed"], f"seed {run['seed']}", run["metrics"], metric)
-                for run in runs
-                if metric in run["metrics"]["model"]
-            ]
-            row = _compared_row("grn", setting, metric, units, origin, list(notes))
-            if row is not None:
-                rows.append(row)
+        rows += _seed_rows("grn", setting, runs, origin, notes, GRN_METRICS)
+    return rows
+
+
+def _seed_rows(
+    task: str,
+    setting: str,
+    runs: list[dict[str, Any]],
+    origin: _Origin,
+    notes: list[str],
+    only: Iterable[str] | None = None,
+) -> list[SummaryRow]:
+    """One row per compared metric of runs that differ only by seed (one unit per seed)."""
+    rows = []
+    for metric in _metric_names((run["metrics"] for run in runs), only):
+        units = [
+            _unit(run["seed"], f"seed {run['seed']}", run["metrics"], metric)
+            for run in runs
+            if metric in run["metrics"]["model"]
+        ]
+        row = _compared_row(task, setting, metric, units, origin, list(notes))
+        if row is not None:
+            rows.append(row)
     return rows
 
 
@@ -506,15 +520,7 @@ def _finetune_niche(report: Report, source: str) -> list[SummaryRow]:
         for context in contexts:
             chosen = [r for r in runs if r["context"] == context]
             setting = f"{name} ({NICHE_CONTEXTS.get(context, context)})"
-            for metric in _metric_names(r["metrics"] for r in chosen):
-                units = [
-                    _unit(r["seed"], f"seed {r['seed']}", r["metrics"], metric)
-                    for r in chosen
-                    if metric in r["metrics"]["model"]
-                ]
-                row = _compared_row("niche", setting, metric, units, setting_origin, list(notes))
-                if row is not None:
-                    rows.append(row)
+            rows += _seed_rows("niche", setting, chosen, setting_origin, notes)
     return rows
 
 
