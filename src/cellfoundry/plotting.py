@@ -54,9 +54,15 @@ def scatter_by_label(axis, coords: np.ndarray, labels, title: str, legend: bool 
         axis.scatter(coords[:, 0], coords[:, 1], s=4, alpha=0.7)
     else:
         values = np.asarray(labels).astype(str)
-        for value in sorted(set(values)):
+        names = sorted(set(values))
+        # the default cycle repeats after 10 colours: two types would look like one
+        palette = pyplot().get_cmap("tab10" if len(names) <= 10 else "tab20")
+        for index, value in enumerate(names):
             chosen = values == value
-            axis.scatter(coords[chosen, 0], coords[chosen, 1], s=4, alpha=0.7, label=value)
+            colour = palette(index % palette.N)
+            axis.scatter(
+                coords[chosen, 0], coords[chosen, 1], s=4, alpha=0.7, label=value, color=colour
+            )
         if legend:
             axis.legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     axis.set(title=title, xlabel="UMAP 1", ylabel="UMAP 2", xticks=[], yticks=[])
