@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from finetune_annotation import environment, run_finetune_process  # noqa: E402
 
-from cellfoundry._benchmarking import write_report  # noqa: E402
+from cellfoundry._benchmarking import command_line, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name} seed {seed} {context}: {PRIMARY[spec['target']]} {value:.4f}")
         runs.sort(key=lambda r: (r["seed"], list(CONTEXTS).index(r["context"])))
         report["results"][name] = {
+            "command": command_line(),  # settings merge across invocations: each keeps its own
+            "model": args.model,
             "runs": runs,
             "summary": summarise(runs, spec["target"]),
             "verdict": verdict(runs, spec["target"]),

@@ -506,7 +506,13 @@ def _finetune_niche(report: Report, source: str) -> list[SummaryRow]:
     for name, block in report["results"].items():
         runs = block["runs"]
         setting_origin, notes = origin, []
-        if name not in (latest.get("settings") or [name]):
+        if block.get("command"):  # recorded per setting since 2026-12-05
+            setting_origin = _Origin(
+                source,
+                block.get("model", origin.model),
+                runnable_command("finetune_niche", block["command"]),
+            )
+        elif name not in (latest.get("settings") or [name]):
             setting_origin = _Origin(
                 source, origin.model, f"python benchmarks/finetune_niche.py --settings {name}"
             )
