@@ -12,6 +12,7 @@ The scripts live in the repository's ``benchmarks/`` folder (they are not part o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cellfoundry._io import atomic_write_text
+
 TIERS = ("full", "quick", "smoke")
+RUN_RECORD = "suite_run.json"  # the last suite run into a folder: steps, exit codes, seconds
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,8 @@ def run_suite(
     seconds = round(time.perf_counter() - start, 1)
     outcome: dict[str, Any] = {"tier": tier, "out": str(out), "steps": ran, "seconds": seconds}
     failed = [r for r in ran if r["exit"] != 0]
+    record = {**outcome, "jobs": jobs, "cpu_count": os.cpu_count(), "model": model}
+    atomic_write_text(out / RUN_RECORD, json.dumps(record, indent=2) + "\n")
     if summary:
         from cellfoundry.bench.summary import write_summary
         from cellfoundry.bench.umaps import embedding_umaps

@@ -149,6 +149,14 @@ def markdown(rows: list[SummaryRow], sources: dict[str, Any], env: dict, charts:
         + f"; CPU {env['cpu_model']}. Each results file records the environment it was "
         "measured in.",
     ]
+    run = env.get("suite_run")
+    if run:
+        lines += [
+            "",
+            f"Suite run: tier `{run['tier']}`, {len(run['steps'])} scripts, {run['jobs']} at a "
+            f"time on {run['cpu_count']} CPUs, {run['seconds']:.0f} s in all (per step: "
+            "`suite_run.json`).",
+        ]
     by_task: dict[str, list[SummaryRow]] = {}
     for row in rows:
         by_task.setdefault(row.task, []).append(row)
@@ -196,6 +204,9 @@ def write_summary(results: Path, charts: bool = True, publish: bool = False) -> 
 
     rows, sources = collect_rows(results)
     env = environment()
+    record = results / "suite_run.json"
+    if record.is_file():
+        env["suite_run"] = json.loads(record.read_text())
     summary = {
         "generated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": env,
