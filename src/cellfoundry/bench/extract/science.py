@@ -395,20 +395,20 @@ def _grn_row(
         notes = ["no comparison recorded: best baseline by mean, no interval"]
     baseline_runs = (methods.get(best) or {}).get("runs") or [] if best else []
     baseline_values = [_number(r.get(metric)) for r in baseline_runs]
+    common = {
+        "task": "grn",
+        "setting": setting,
+        "metric": metric,
+        "higher_is_better": True,
+        "ours": ours_mean,
+        "ours_sd": ours_sd,
+        "n_seeds": len(ours),
+        "model": origin.model,
+        "source": origin.source,
+        "command": origin.command,
+    }
     if not baseline_values or any(v is None for v in baseline_values):
-        return SummaryRow(
-            task="grn",
-            setting=setting,
-            metric=metric,
-            higher_is_better=True,
-            ours=ours_mean,
-            ours_sd=ours_sd,
-            n_seeds=len(ours),
-            model=origin.model,
-            source=origin.source,
-            command=origin.command,
-            note="; ".join(["no baseline recorded", *_model_note(origin)]),
-        )
+        return SummaryRow(**common, note="; ".join(["no baseline recorded", *_model_note(origin)]))
     baseline, baseline_sd = _mean_sd(baseline_values)
     if len(baseline_values) == 1:
         notes.append(f"{best}: one run (no seeds)")
@@ -416,22 +416,13 @@ def _grn_row(
     ci95 = [float(low), float(high)] if low is not None and high is not None else None
     difference = _number(comparison.get("difference"))
     return SummaryRow(
-        task="grn",
-        setting=setting,
-        metric=metric,
-        higher_is_better=True,
-        ours=ours_mean,
-        ours_sd=ours_sd,
+        **common,
         best_baseline=best,
         baseline=baseline,
         baseline_sd=baseline_sd,
         difference=difference if difference is not None else ours_mean - baseline,
         ci95=ci95,
-        n_seeds=len(ours),
         verdict=interval_verdict(ci95, True),
-        model=origin.model,
-        source=origin.source,
-        command=origin.command,
         note="; ".join([*notes, *_model_note(origin)]),
     )
 
