@@ -52,9 +52,10 @@ def test_every_row_is_complete():
 # -- committed results ---------------------------------------------------------------------
 def test_annotation_committed():
     rows = committed("finetune_annotation")
-    # starmap / merfish held out, starmap few-shot 10 / 50; 3 modes x 2 metrics each
-    assert len(rows) == 4 * 3 * 2
-    assert not any("dlpfc" in r.setting for r in rows)  # in the command, not in the file
+    # starmap / merfish held out; few-shot 10 / 50 on starmap, merfish and dlpfc;
+    # 3 modes x 2 metrics each
+    assert len(rows) == 8 * 3 * 2
+    assert not any("dlpfc, held-out" in r.setting for r in rows)  # DLPFC holdout not run yet
     row = only(rows, "starmap, held-out batch, LoRA", "macro-F1")
     assert row.task == "annotation" and row.model == "cellfoundry-tiny-bert"
     assert row.ours == pytest.approx(
