@@ -93,7 +93,7 @@ def test_annotation_committed():
 
 def test_integration_committed():
     rows = committed("finetune_integration")
-    assert len(rows) == 2 * 3  # starmap only; lora and lora_no_adversary
+    assert len(rows) == 2 * 2 * 3  # starmap and dlpfc; lora and lora_no_adversary; 3 scores
     row = only(rows, "starmap, random split, LoRA", "scIB total")
     assert row.ours == pytest.approx(
         mean([0.5475016340912433, 0.5047379161810328, 0.5404269414127075])
