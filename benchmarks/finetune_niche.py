@@ -127,6 +127,7 @@ def prepared_data(spec: dict, work: Path) -> Path:
         return source
     import anndata as ad
 
+    from cellfoundry._io import atomic_write_h5ad
     from cellfoundry.tokenization.zscores import positive_from_zscores
 
     target = work / "prepared" / "seqfish_exp_z.h5ad"
@@ -137,11 +138,7 @@ def prepared_data(spec: dict, work: Path) -> Path:
     y = np.asarray(adata.obsm["spatial"])[:, 1]
     cuts = np.quantile(y, [1 / 3, 2 / 3])
     prepared.obs["block"] = np.select([y < cuts[0], y < cuts[1]], ["bottom", "middle"], "top")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial.h5ad")
-    prepared.write_h5ad(partial)
-    partial.replace(target)  # never a half-written file under the final name
-    return target
+    return atomic_write_h5ad(prepared, target)
 
 
 def split_options(spec: dict) -> list[str]:

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from cellfoundry._io import atomic_write_h5ad
+
 DEMO = "demo"
 
 
@@ -250,7 +252,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         score_key=args.score_key,
         allow_normalized=args.allow_normalized,
     )
-    _write_h5ad_atomically(adata, output)
+    atomic_write_h5ad(adata, output)
     seconds = time.perf_counter() - start
     scores = written.pop("scores", None)
     print(
@@ -262,19 +264,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"scores against obs[{args.score_key!r}]:", {k: round(v, 4) for k, v in scores.items()}
         )
     return 0
-
-
-def _write_h5ad_atomically(adata, output: Path) -> None:
-    """Write through a temporary file in the same folder, so no half-written output remains."""
-    import os
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp.h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _add_misc(sub) -> None:
@@ -411,7 +400,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     seconds = time.perf_counter() - start
-    _write_h5ad_atomically(adata, output)
+    atomic_write_h5ad(adata, output)
     print(
         f"embedded {vectors.shape[0]} cells -> {output} obsm['{OBSM_KEY}'] {vectors.shape}, "
         f"{seconds:.2f} s, {vectors.shape[0] / max(seconds, 1e-9):,.0f} cells/s"
