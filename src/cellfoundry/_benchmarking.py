@@ -157,6 +157,7 @@ def write_report(output: Path, report: dict[str, Any], markdown: str) -> None:
     after checking it against the results schema (nothing is written when it fails)."""
     from cellfoundry.bench.schema import validate_results
 
-    validate_results(json.loads(json.dumps(report, default=str)), output.name)
-    atomic_write_text(output, json.dumps(report, indent=2, default=str) + "\n")
+    text = json.dumps(report, indent=2, default=str)
+    validate_results(json.loads(text), output.name)  # the document as it will be read back
+    atomic_write_text(output, text + "\n")
     atomic_write_text(output.with_suffix(".md"), markdown)

@@ -213,7 +213,8 @@ def write_summary(results: Path, charts: bool = True, publish: bool = False) -> 
         "sources": sources,
         "rows": [r.to_dict() for r in rows],
     }
-    validate_summary(json.loads(json.dumps(summary)), str(results / SUMMARY_JSON))
+    text = json.dumps(summary, indent=2)
+    validate_summary(json.loads(text), str(results / SUMMARY_JSON))
     pictures: dict[str, list[str]] = {}
     if charts:
         folder = results / CHARTS
@@ -226,7 +227,7 @@ def write_summary(results: Path, charts: bool = True, publish: bool = False) -> 
                 if draw(task, chosen, folder / f"{slug}_{kind}.png") is not None:
                     pictures.setdefault(task, []).append(f"{CHARTS}/{slug}_{kind}.png")
         pictures["embeddings"] = sorted(f"{CHARTS}/{p.name}" for p in folder.glob("umap_*.png"))
-    atomic_write_text(results / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(results / SUMMARY_JSON, text + "\n")
     atomic_write_text(results / SUMMARY_MD, markdown(rows, sources, env, pictures))
     if publish:
         from cellfoundry.bench.cards import publish as publish_rows
