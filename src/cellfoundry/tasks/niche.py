@@ -131,10 +131,13 @@ class NicheHead(nn.Module):
         return TaskOutput(loss=loss, logits=logits, embeddings=vectors)
 
 
-def needs_coordinates(config: NicheConfig) -> bool:
-    """Only a region label from the cell's own tokens can do without ``obsm["spatial"]``
-    (e.g. villus zones inferred for dissociated cells); every other target reads the graph."""
-    return config.target != "region" or bool(config.neighbor_context)
+def uses_graph(adata: Any, config: NicheConfig) -> bool:
+    """Whether targets and baselines build the spatial graph: always when there are
+    coordinates, and required for every target but a region label from the cell's own tokens
+    (which can do without ``obsm["spatial"]``, e.g. villus zones inferred for dissociated
+    cells; without coordinates, ``spatial_targets`` raises the clear error)."""
+    needed = config.target != "region" or bool(config.neighbor_context)
+    return needed or SPATIAL_KEY in adata.obsm
 
 
 def spatial_graph(adata: Any, config: NicheConfig) -> tuple[Any, float]:
@@ -296,7 +299,7 @@ class NicheTask(Task):
         if not config.labels and config.target != "density":
             config.labels = sorted(train_obs[config.label_key].astype(str).unique())
         targets: dict[str, Any] = {}
-        if needs_coordinates(config) or SPATIAL_KEY in adata.obsm:
+        if uses_graph(adata, config):
             targets = spatial_targets(adata, config)
             config.radius = float(targets["radius"])
             config.dimensions = int(adata.obsm[SPATIAL_KEY].shape[1])
@@ -377,7 +380,7 @@ def niche_baselines(
     from cellfoundry.data.spatial import neighborhood_average
     from cellfoundry.evaluation.baselines import log_input, log_normalize, seurat_hvg
 
-    spatial = needs_coordinates(config) or SPATIAL_KEY in adata.obsm
+    spatial = uses_graph(adata, config)
     targets = spatial_targets(adata, config) if spatial else {}
     index = {name: i for i, name in enumerate(adata.obs_names)}
     train = np.array([index[n] for n in train_adata.obs_names])
