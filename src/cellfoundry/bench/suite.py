@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,205 +30,124 @@ RUN_RECORD = "suite_run.json"  # the last suite run into a folder: steps, exit c
 
 @dataclass(frozen=True)
 class Step:
-    """One script run of a task: arguments per tier (None: not run in that tier)."""
+    """One script run of a task: its arguments per tier, written as one string each (None:
+    not run in that tier)."""
 
     task: str
     script: str
-    full: tuple[str, ...] | None
-    quick: tuple[str, ...] | None
-    smoke: tuple[str, ...] | None
+    full: str | None
+    quick: str | None
+    smoke: str | None
     takes_model: bool = True
-    out: str = "folder"  # "folder": --out DIR; "file:<name>": --out/--output DIR/<name>
-    out_flag: str = "--out"
     takes_work: bool = True
-    output_names: tuple[str, ...] = field(default_factory=tuple)
+    out_file: str | None = None  # None: ``--out DIR``; else ``out_flag DIR/out_file``
+    out_flag: str = "--out"
 
-    def arguments(self, tier: str) -> tuple[str, ...] | None:
-        return getattr(self, tier)
+    def arguments(self, tier: str) -> list[str] | None:
+        line = getattr(self, tier)
+        return None if line is None else line.split()
 
 
+GRN_COMMON = "--datasets kang --seeds 0 --supervised-datasets"
 GRN_FULL = (
-    "--supervised-datasets",
-    "--attention-cells",
-    "600",
-    "--embedding-cells",
-    "1000",
-    "--deletion-cells",
-    "60",
-    "--genie3-cells",
-    "300",
-    "--genie3-trees",
-    "30",
-    "--n-boot",
-    "200",
+    "--supervised-datasets --attention-cells 600 --embedding-cells 1000 --deletion-cells 60 "
+    "--genie3-cells 300 --genie3-trees 30 --n-boot 200"
 )
 GRN_QUICK = (
-    "--datasets",
-    "kang",
-    "--seeds",
-    "0",
-    "--supervised-datasets",
-    "--attention-cells",
-    "100",
-    "--embedding-cells",
-    "200",
-    "--deletion-cells",
-    "8",
-    "--genie3-cells",
-    "100",
-    "--genie3-trees",
-    "10",
-    "--n-boot",
-    "50",
+    f"{GRN_COMMON} --attention-cells 100 --embedding-cells 200 --deletion-cells 8 "
+    "--genie3-cells 100 --genie3-trees 10 --n-boot 50"
 )
-
 GRN_SMOKE = (
-    "--datasets", "kang", "--seeds", "0", "--supervised-datasets", "--attention-cells", "20",
-    "--embedding-cells", "20", "--deletion-cells", "2", "--genie3-cells", "40",
-    "--genie3-trees", "3", "--n-boot", "10", "--n-genes", "150",
-)  # fmt: skip
+    f"{GRN_COMMON} --attention-cells 20 --embedding-cells 20 --deletion-cells 2 "
+    "--genie3-cells 40 --genie3-trees 3 --n-boot 10 --n-genes 150"
+)
+ONE_SEED = "--seeds 0"
 
 STEPS: tuple[Step, ...] = (
     Step(
         "tokenizer",
         "tokenizer_throughput",
-        (),
-        ("--n-cells", "5000", "--repeats", "1", "--no-scale", "--reference-cells", "200"),
-        (
-            "--n-cells",
-            "300",
-            "--repeats",
-            "1",
-            "--no-scale",
-            "--reference-cells",
-            "30",
-            "--no-warmup",
-        ),
+        full="",
+        quick="--n-cells 5000 --repeats 1 --no-scale --reference-cells 200",
+        smoke="--n-cells 300 --repeats 1 --no-scale --reference-cells 30 --no-warmup",
         takes_model=False,
-        out="file:tokenizer_throughput.json",
         takes_work=False,
+        out_file="tokenizer_throughput.json",
     ),
     Step(
         "encoder",
         "encoder_throughput",
-        ("--time-budget-s", "1500"),
-        ("--sizes", "10M", "--lengths", "256", "1024", "--modes", "forward", "--repeats", "1"),
-        ("--sizes", "tiny", "--lengths", "64", "--modes", "forward", "--repeats", "1"),
+        full="--time-budget-s 1500",
+        quick="--sizes 10M --lengths 256 1024 --modes forward --repeats 1",
+        smoke="--sizes tiny --lengths 64 --modes forward --repeats 1",
         takes_model=False,
-        out="file:encoder_throughput_cpu.json",
-        out_flag="--output",
         takes_work=False,
+        out_file="encoder_throughput_cpu.json",
+        out_flag="--output",
     ),
     Step(
         "embedding",
         "embedding_throughput",
-        (),
-        ("--cells", "100"),
-        ("--cells", "16"),
+        full="",
+        quick="--cells 100",
+        smoke="--cells 16",
         takes_model=False,
         takes_work=False,
     ),
     Step(
         "zero-shot",
         "zero_shot",
-        ("--random-init-control", "--threads", "1"),
-        ("--datasets", "pbmc68k", "--seeds", "0", "--max-cells", "700", "--bootstrap-draws", "200"),
-        (
-            "--datasets",
-            "pbmc68k",
-            "--seeds",
-            "0",
-            "--max-cells",
-            "120",
-            "--folds",
-            "2",
-            "--bootstrap-draws",
-            "20",
-        ),
+        full="--random-init-control --threads 1",
+        quick=f"--datasets pbmc68k {ONE_SEED} --max-cells 700 --bootstrap-draws 200",
+        smoke=f"--datasets pbmc68k {ONE_SEED} --max-cells 120 --folds 2 --bootstrap-draws 20",
         takes_work=False,
     ),
     Step(
         "annotation",
         "finetune_annotation",
-        ("--datasets", "starmap", "dlpfc", "merfish", "--few-shot"),
-        ("--datasets", "starmap", "--seeds", "0", "--modes", "lora", "--max-steps", "40"),
-        ("--datasets", "starmap", "--seeds", "0", "--modes", "lora", "--max-steps", "2"),
+        full="--datasets starmap dlpfc merfish --few-shot",
+        quick=f"--datasets starmap {ONE_SEED} --modes lora --max-steps 40",
+        smoke=f"--datasets starmap {ONE_SEED} --modes lora --max-steps 2",
     ),
     Step(
         "annotation",
         "finetune_memory",
-        ("--steps", "6"),
-        None,
-        ("--sizes", "shipped", "--steps", "2", "--repeats", "1"),
+        full="--steps 6",
+        quick=None,
+        smoke="--sizes shipped --steps 2 --repeats 1",
         takes_model=False,
         takes_work=False,
     ),
     Step(
         "integration",
         "finetune_integration",
-        ("--datasets", "starmap", "dlpfc", "--modes", "lora", "lora_no_adversary"),
-        (
-            "--datasets",
-            "starmap",
-            "--seeds",
-            "0",
-            "--modes",
-            "lora",
-            "--max-steps",
-            "40",
-            "--no-scvi",
-        ),
-        (
-            "--datasets",
-            "starmap",
-            "--seeds",
-            "0",
-            "--modes",
-            "lora",
-            "--max-steps",
-            "2",
-            "--no-scvi",
-        ),
+        full="--datasets starmap dlpfc --modes lora lora_no_adversary",
+        quick=f"--datasets starmap {ONE_SEED} --modes lora --max-steps 40 --no-scvi",
+        smoke=f"--datasets starmap {ONE_SEED} --modes lora --max-steps 2 --no-scvi",
     ),
     Step(
         "perturbation",
         "finetune_perturbation",
-        (),
-        ("--seeds", "0", "--heldout", "1", "--max-steps", "40"),
-        ("--seeds", "0", "--heldout", "1", "--max-steps", "2"),
+        full="",
+        quick=f"{ONE_SEED} --heldout 1 --max-steps 40",
+        smoke=f"{ONE_SEED} --heldout 1 --max-steps 2",
     ),
-    Step("perturbation", "finetune_perturbation_unseen", (), None, None),
-    Step("perturbation", "in_silico_memory", ("--cells", "30", "90", "270"), None, None),
+    Step("perturbation", "finetune_perturbation_unseen", full="", quick=None, smoke=None),
+    Step("perturbation", "in_silico_memory", full="--cells 30 90 270", quick=None, smoke=None),
+    Step("grn", "grn", full=GRN_FULL, quick=GRN_QUICK, smoke=GRN_SMOKE),
     Step(
         "grn",
         "grn",
-        GRN_FULL,
-        GRN_QUICK,
-        GRN_SMOKE,
-    ),
-    Step(
-        "grn",
-        "grn",
-        (
-            "--datasets",
-            "kang",
-            "liao",
-            "dlpfc",
-            "--supervised-only",
-            "--supervised-datasets",
-            "kang",
-            "liao",
-            "dlpfc",
-        ),
-        None,
-        None,
+        full="--datasets kang liao dlpfc --supervised-only --supervised-datasets kang liao dlpfc",
+        quick=None,
+        smoke=None,
     ),
     Step(
         "niche",
         "finetune_niche",
-        (),
-        ("--settings", "starmap-density", "--seeds", "0", "--max-steps", "40"),
-        ("--settings", "starmap-density", "--seeds", "0", "--max-steps", "2"),
+        full="",
+        quick=f"--settings starmap-density {ONE_SEED} --max-steps 40",
+        smoke=f"--settings starmap-density {ONE_SEED} --max-steps 2",
     ),
 )
 TASKS = tuple(dict.fromkeys(step.task for step in STEPS))
@@ -248,12 +167,9 @@ def benchmarks_dir() -> Path:
 
 def command(step: Step, tier: str, out: Path, work: Path, model: str | None) -> list[str]:
     """The command line of one step in a tier."""
-    arguments = list(step.arguments(tier) or ())
+    arguments = step.arguments(tier) or []
     line = [sys.executable, str(benchmarks_dir() / f"{step.script}.py"), *arguments]
-    if step.out == "folder":
-        line += [step.out_flag, str(out)]
-    else:
-        line += [step.out_flag, str(out / step.out.split(":", 1)[1])]
+    line += [step.out_flag, str(out / step.out_file if step.out_file else out)]
     if step.takes_work and tier != "full":
         line += ["--work", str(work / step.script)]
     if model and step.takes_model:
