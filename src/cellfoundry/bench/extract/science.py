@@ -14,7 +14,6 @@ matched across seeds, only seeds can. The unsupervised GRN comparison is the exc
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cellfoundry.bench.extract import Extractor
+from cellfoundry.bench.extract import Extractor, readable
 from cellfoundry.bench.rows import (
     SummaryRow,
     compare_over_seeds,
@@ -66,25 +65,6 @@ class _Unit:
     best: str | None = None
     ci95: list[float] | None = None
     verdict: str | None = None
-
-
-def _readable(extract: Extractor) -> Extractor:
-    """A missing required part (``runs``, a run's metrics) means the file is not what its
-    benchmark writes: say which file, rather than a bare KeyError from deep inside."""
-
-    @functools.wraps(extract)
-    def wrapper(report: Report, source: str) -> list[SummaryRow]:
-        if not isinstance(report, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(report).__name__}")
-        try:
-            return extract(report, source)
-        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
-            raise ValueError(
-                f"{source}: not a readable {extract.__name__.lstrip('_')} results file "
-                f"({type(error).__name__}: {error})"
-            ) from error
-
-    return wrapper
 
 
 def _number(value: Any) -> float | None:
@@ -278,7 +258,7 @@ def _per_seed_label(units: list[_Unit], what: str) -> str:
     return f"{what} ({size}/seed)" if size is not None else what
 
 
-@_readable
+@readable("finetune_perturbation")
 def _finetune_perturbation(report: Report, source: str) -> list[SummaryRow]:
     """Kang IFN-beta, a held-out cluster's response: one row per perturbation and metric."""
     origin = _origin(report, source, "finetune_perturbation")
@@ -304,7 +284,7 @@ def _finetune_perturbation(report: Report, source: str) -> list[SummaryRow]:
     return rows
 
 
-@_readable
+@readable("finetune_perturbation_unseen")
 def _finetune_perturbation_unseen(report: Report, source: str) -> list[SummaryRow]:
     """Papalexi unseen knockouts: one row per metric over every held-out knockout and seed."""
     origin = _origin(report, source, "finetune_perturbation_unseen")
@@ -470,7 +450,7 @@ def _seed_rows(
     return rows
 
 
-@_readable
+@readable("grn", "grn_supervised")
 def _grn(report: Report, source: str) -> list[SummaryRow]:
     """grn.json and grn_supervised.json (``--supervised-only``): the same script and shape."""
     if "datasets" not in report and "supervised" not in report:
@@ -483,7 +463,7 @@ def _grn(report: Report, source: str) -> list[SummaryRow]:
     ]
 
 
-@_readable
+@readable("finetune_niche")
 def _finetune_niche(report: Report, source: str) -> list[SummaryRow]:
     """Spatial niches: one row per setting, context (own tokens / plus neighbours) and metric.
 

@@ -25,46 +25,16 @@ A file none of whose figures can be read raises ``ValueError`` naming it.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-from cellfoundry.bench.extract import Extractor
+from cellfoundry.bench.extract import Extractor, readable
 from cellfoundry.bench.rows import SummaryRow, runnable_command
 
 Report = dict[str, Any]
 
 MIB = 2**20
-_READ_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
-
-
-# -- shared helpers ------------------------------------------------------------------------
-def _readable(benchmark: str) -> Callable[[Extractor], Extractor]:
-    """Turn any failure to read ``benchmark``'s results, or an empty result, into a
-    ``ValueError`` naming the file, so a broken file is never summarised as nothing."""
-
-    def wrap(extract: Extractor) -> Extractor:
-        @functools.wraps(extract)
-        def run(report: Report, source: str) -> list[SummaryRow]:
-            if not isinstance(report, dict):
-                raise ValueError(f"{source}: not a {benchmark} results file (not a JSON object)")
-            recorded = report.get("benchmark")
-            if recorded is not None and recorded != benchmark:
-                raise ValueError(f"{source}: records benchmark {recorded!r}, not {benchmark!r}")
-            try:
-                rows = extract(report, source)
-            except _READ_ERRORS as error:
-                raise ValueError(
-                    f"{source}: cannot read {benchmark} results ({type(error).__name__}: {error})"
-                ) from error
-            if not rows:
-                raise ValueError(f"{source}: no {benchmark} figures found")
-            return rows
-
-        return run
-
-    return wrap
 
 
 def _number(value: Any) -> float:
@@ -106,7 +76,7 @@ def _join(*parts: str) -> str:
 
 
 # -- tokenizer_throughput.json ---------------------------------------------------------------
-@_readable("tokenizer_throughput")
+@readable("tokenizer_throughput")
 def tokenizer_rows(report: Report, source: str) -> list[SummaryRow]:
     """End-to-end CLI cells/s and peak RSS per backend, the helical peer comparison, the
     300k-cell memory run and parity with the reference tokenizer, each against its target."""
@@ -236,7 +206,7 @@ def _encoder_group_notes(report: Report) -> tuple[dict[str, list[str]], list[str
     return by_group, whole_file
 
 
-@_readable("encoder_throughput")
+@readable("encoder_throughput")
 def encoder_rows(report: Report, source: str) -> list[SummaryRow]:
     """Tokens/s of each backend pair whose ratio the benchmark recorded (sdpa vs eager, Mamba
     vs eager and vs sdpa, flash-attention vs eager on GPU), per size, mode and length; the
@@ -306,7 +276,7 @@ _EMBEDDING_METRICS = (  # side field, metric, higher is better, its target's tex
 )
 
 
-@_readable("embedding_throughput")
+@readable("embedding_throughput")
 def embedding_rows(report: Report, source: str) -> list[SummaryRow]:
     """cellfoundry's ``embed`` against the helical-style ``BertForMaskedLM`` path on the same
     cells in one run: cells/s (work and wall), cells per CPU-second and peak RSS."""
@@ -354,7 +324,7 @@ def embedding_rows(report: Report, source: str) -> list[SummaryRow]:
 
 
 # -- in_silico_memory.json -------------------------------------------------------------------
-@_readable("in_silico_memory")
+@readable("in_silico_memory")
 def in_silico_rows(report: Report, source: str) -> list[SummaryRow]:
     """Peak RSS of one ``cellfoundry perturb`` process per (cells, batch size): whether memory
     grows with the cells perturbed. No baseline was run (the benchmark's verdict says why)."""
