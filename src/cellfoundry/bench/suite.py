@@ -112,7 +112,7 @@ STEPS: tuple[Step, ...] = (
     Step(
         "annotation",
         "finetune_memory",
-        full="--steps 6",
+        full="",
         quick=None,
         smoke="--sizes shipped --steps 2 --repeats 1",
         takes_model=False,
