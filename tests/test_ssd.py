@@ -142,3 +142,32 @@ def test_mamba_ssm_kernel_matches_chunked_scan_on_gpu() -> None:
     kernel = ssd_scan(*inputs, chunk_size=64, implementation="mamba_ssm")
     reference = ssd_chunked(*inputs, chunk_size=64)
     torch.testing.assert_close(kernel, reference, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 9])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_causal_depthwise_conv_equals_conv1d_in_values_and_gradients(
+    length: int, with_bias: bool
+) -> None:
+    """The hand-written conv and its backward against nn.Conv1d (truncated to L outputs), float64,
+    including cells shorter than the kernel."""
+    from cellfoundry.models.cellmamba.modeling_cellmamba import causal_depthwise_conv
+
+    torch.manual_seed(0)
+    channels, kernel = 5, 4
+    conv = torch.nn.Conv1d(
+        channels, channels, kernel, groups=channels, padding=kernel - 1, bias=with_bias
+    ).double()
+    x = torch.randn(2, length, channels, dtype=torch.float64, requires_grad=True)
+    reference = conv(x.transpose(1, 2))[..., :length].transpose(1, 2)
+    ours = causal_depthwise_conv(x, conv.weight, conv.bias)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    upstream = torch.randn_like(reference)
+    inputs = [x, conv.weight] + ([conv.bias] if with_bias else [])
+    wanted = torch.autograd.grad(reference, inputs, upstream)
+    got = torch.autograd.grad(ours, inputs, upstream)
+    for g, w in zip(got, wanted, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda t, w: causal_depthwise_conv(t, w, None), (x, conv.weight.detach().requires_grad_())
+    )

@@ -18,6 +18,7 @@ direction, P head dim, G groups, N state size.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,16 +93,59 @@ def flip_tokens(tensor: torch.Tensor, flip_index: torch.Tensor) -> torch.Tensor:
     return rows.index_select(0, (flip_index + offsets).reshape(-1)).view(tensor.shape)
 
 
+class _CausalDepthwiseConv(torch.autograd.Function):
+    """``out[t] = bias + sum_k taps[:, k] * x[t - K + 1 + k]`` on token-major (B, L, C) tensors,
+    with its backward written out.
+
+    Why by hand: with K = 4 the K fused multiply-adds stay in token-major memory (no
+    transposes), where on CPU the depthwise ``convolution_backward`` cost about a quarter of a
+    CellMamba training step. Left to autograd, the same products cost a zero-filled, padded copy
+    per tap in backward (``slice_backward``); here each gradient is K products on shifted
+    views, with no padding in either direction.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None):
+        kernel, length = taps.shape[-1], tensor.shape[1]
+        out = tensor * taps[:, -1]
+        if bias is not None:
+            out = out + bias
+        for k in range(max(0, kernel - length), kernel - 1):
+            shift = kernel - 1 - k  # tap k reads the token `shift` places back (< length)
+            out[:, shift:].addcmul_(tensor[:, : length - shift], taps[:, k])
+        ctx.save_for_backward(tensor, taps)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        tensor, taps = ctx.saved_tensors
+        kernel, length = taps.shape[-1], tensor.shape[1]
+        grad_input = grad_taps = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad * taps[:, -1]
+            for k in range(max(0, kernel - length), kernel - 1):
+                shift = kernel - 1 - k
+                grad_input[:, : length - shift].addcmul_(grad[:, shift:], taps[:, k])
+        if ctx.needs_input_grad[1]:
+            grad_taps = taps.new_zeros(taps.shape)
+            for k in range(max(0, kernel - length), kernel):
+                shift = kernel - 1 - k
+                product = grad[:, shift:] * tensor[:, : length - shift]
+                grad_taps[:, k] = product.sum(dim=(0, 1))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=(0, 1))
+        return grad_input, grad_taps, grad_bias
+
+
 def causal_depthwise_conv(
     tensor: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Causal depthwise convolution of a token-major (B, L, C) tensor, as K shifted products.
 
     Equal to ``nn.Conv1d(C, C, K, groups=C, padding=K - 1)`` on the channel-major transpose,
-    truncated to the first L outputs (``out[t] = bias + sum_k w[k] * x[t - K + 1 + k]``).
-    Written by hand because with K = 4 the K fused multiply-adds stay in token-major memory
-    (no transposes) and their backward is elementwise: on CPU the depthwise
-    ``convolution_backward`` cost about a quarter of a CellMamba training step.
+    truncated to the first L outputs (``out[t] = bias + sum_k w[k] * x[t - K + 1 + k]``), in
+    values and gradients; see :class:`_CausalDepthwiseConv` for why it is written out.
 
     Parameters
     ----------
@@ -112,15 +156,9 @@ def causal_depthwise_conv(
     bias : torch.Tensor or None
         (C,) or ``None``.
     """
-    kernel, length = weight.shape[-1], tensor.shape[1]
     taps = weight[:, 0, :].to(tensor.dtype)  # (C, K)
-    padded = nn.functional.pad(tensor, (0, 0, kernel - 1, 0))
-    out = tensor * taps[:, -1]
-    if bias is not None:
-        out = out + bias.to(tensor.dtype)
-    for k in range(kernel - 1):
-        out = torch.addcmul(out, padded[:, k : k + length], taps[:, k])
-    return out
+    bias = bias.to(tensor.dtype) if bias is not None else None
+    return _CausalDepthwiseConv.apply(tensor, taps, bias)
 
 
 class CellMambaGatedRMSNorm(nn.Module):
