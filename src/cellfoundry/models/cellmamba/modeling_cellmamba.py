@@ -250,11 +250,12 @@ class CellMambaMixer(nn.Module):
         contiguous channel ranges after the convolution, so they split by views; forward
         heads and groups come first.
         """
-        flipped = flip_tokens(xbc, flip_index)
-        bounds = [0, self.inner, self.inner + self.groups * self.state_size, self.conv_width]
-        parts = []
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            parts += [xbc[..., start:end], flipped[..., start:end]]
+        # ``split`` rather than slices: its backward is one ``cat``, where each slice's is a
+        # zero-filled copy of the whole input.
+        widths = [self.inner, self.groups * self.state_size, self.groups * self.state_size]
+        forward_parts = xbc.split(widths, dim=-1)
+        backward_parts = flip_tokens(xbc, flip_index).split(widths, dim=-1)
+        parts = [part for pair in zip(forward_parts, backward_parts, strict=True) for part in pair]
         return torch.cat(parts, dim=-1)
 
 

@@ -204,7 +204,7 @@ def ssd_chunked(
     log_decay = log_decay.permute(0, 1, 3, 4, 2)  # (B, K, G, h, T)
     y = _intra_chunk(x_dt, B, C, log_decay) + _inter_chunk(x_dt, B, C, log_decay)
     y = y.permute(0, 1, 3, 2, 4, 5).reshape(batch, chunks * chunk_size, heads, head_dim)
-    return y[:, :length].to(x.dtype)
+    return (y[:, :length] if pad else y).to(x.dtype)
 
 
 class _DecayedScores(torch.autograd.Function):
@@ -269,9 +269,11 @@ def _inter_chunk(
     states = torch.matmul(weighted.flatten(-2).transpose(-1, -2), B)
     # State entering chunk k = sum over j < k of decay(chunks j+1 .. k-1) * state_j.
     totals = torch.nn.functional.pad(prefix[..., -1].permute(0, 2, 3, 1), (1, 0))  # (B,G,h,K+1)
-    carry = causal_decay(totals)[..., :chunks, :chunks]  # the last row/col is never read
+    # Entering chunk k: sum over j < k of carry[k, j + 1] * state_j, so the states need no
+    # shift (a padded, sliced copy of the largest tensor here): the small decay matrix is
+    # sliced instead. Its last row is never read; state K-1 meets zeros above the diagonal.
+    carry = causal_decay(totals)[..., :chunks, 1:]  # (B, G, h, K, K)
     states = states.view(batch, chunks, groups, hpg, -1).permute(0, 2, 3, 1, 4)
-    states = torch.nn.functional.pad(states, (0, 0, 1, 0))[..., :chunks, :]  # shift by one
     entering = torch.matmul(carry, states)  # (B, G, h, K, P*N)
     entering = entering.view(batch, groups, hpg, chunks, head_dim, -1).permute(0, 3, 1, 5, 2, 4)
     entering = entering.reshape(batch, chunks, groups, -1, hpg * head_dim)  # (B, K, G, N, h*P)
