@@ -52,10 +52,27 @@ def test_every_row_is_complete():
 # -- committed results ---------------------------------------------------------------------
 def test_annotation_committed():
     rows = committed("finetune_annotation")
-    # starmap / merfish held out; few-shot 10 / 50 on starmap, merfish and dlpfc;
-    # 3 modes x 2 metrics each
-    assert len(rows) == 8 * 3 * 2
-    assert not any("dlpfc, held-out" in r.setting for r in rows)  # DLPFC holdout not run yet
+    # starmap / merfish / dlpfc held out; few-shot 10 / 50 on each; 3 modes x 2 metrics each,
+    # and one LoRA-against-full macro-F1 row (an efficiency target) per setting
+    assert len(rows) == 9 * 3 * 2 + 9
+    row = only(rows, "dlpfc, held-out batch, LoRA", "macro-F1")
+    assert row.ours == pytest.approx(
+        mean([0.38374391295496857, 0.3722460493981282, 0.38308204340752827])
+    )
+    assert row.baseline == pytest.approx(
+        mean([0.5211991202895921, 0.5146600194938034, 0.5361897500816116])
+    )
+    assert row.verdict == "worse" and row.per_seed == ["worse"] * 3
+    row = only(rows, "dlpfc, held-out batch, LoRA", "macro-F1 against full fine-tuning")
+    assert row.task == "efficiency" and row.best_baseline == "full fine-tuning"
+    assert row.baseline == pytest.approx(
+        mean([0.37703068493640984, 0.37529506733978657, 0.37608984504797355])
+    )
+    assert row.verdict == "target met"  # LoRA 0.380 vs full 0.376
+    row = only(
+        rows, "merfish, few-shot, 50 cells per type, LoRA", "macro-F1 against full fine-tuning"
+    )
+    assert row.verdict == "target missed"  # LoRA 0.196 vs full 0.249
     row = only(rows, "starmap, held-out batch, LoRA", "macro-F1")
     assert row.task == "annotation" and row.model == "cellfoundry-tiny-bert"
     assert row.ours == pytest.approx(
@@ -93,7 +110,13 @@ def test_annotation_committed():
 
 def test_integration_committed():
     rows = committed("finetune_integration")
-    assert len(rows) == 2 * 2 * 3  # starmap and dlpfc; lora and lora_no_adversary; 3 scores
+    # starmap, dlpfc and merfish; lora and lora_no_adversary; 3 scores
+    assert len(rows) == 3 * 2 * 3
+    row = only(rows, "merfish, random split, LoRA", "scIB total")
+    assert row.ours == pytest.approx(
+        mean([0.5900776935598588, 0.6000634885196212, 0.6289057559185738])
+    )
+    assert row.best_baseline == "LDA on PCA" and row.verdict == "worse"
     row = only(rows, "starmap, random split, LoRA", "scIB total")
     assert row.ours == pytest.approx(
         mean([0.5475016340912433, 0.5047379161810328, 0.5404269414127075])

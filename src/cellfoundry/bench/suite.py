@@ -121,7 +121,7 @@ STEPS: tuple[Step, ...] = (
     Step(
         "integration",
         "finetune_integration",
-        full="--datasets starmap dlpfc --modes lora lora_no_adversary",
+        full="--datasets starmap dlpfc merfish --modes lora lora_no_adversary",
         quick=f"--datasets starmap {ONE_SEED} --modes lora --max-steps 40 --no-scvi",
         smoke=f"--datasets starmap {ONE_SEED} --modes lora --max-steps 2 --no-scvi",
     ),
