@@ -302,7 +302,7 @@ def test_memory_one_round_and_rebuilt_command():
             "checkpointing": checkpointing,
             "mode": mode,
             "parameters": 3_000_000,
-            "trainable_share": 0.03 if mode == "lora" else 1.0,
+            "trainable_share": 1.0 if mode == "full" else 0.03,
             "peak_rss_mib": rss,
             "peak_tensor_mib": tensor,
             "step_s": step,
@@ -315,6 +315,7 @@ def test_memory_one_round_and_rebuilt_command():
             entry("full", False, 1000.0, 100.0, 2.0),
             entry("lora", True, 900.0, 50.0, 1.0),
             entry("full", True, 1000.0, 100.0, 2.0),
+            entry("lora_attention", False, 500.0, 55.0, 1.0),
         ],
         "settings": {"sizes": ["shipped"], "steps": 6, "batch_size": 8},
     }
@@ -330,6 +331,11 @@ def test_memory_one_round_and_rebuilt_command():
         (on, "peak tensor memory (MiB)"): "target met",  # 0.50 of full, same setting
         (on, "peak RSS (MiB)"): "measured",
         (on, "step time (s)"): "measured",
+        # the attention-only variant, against the same full fine-tuning run
+        (off + ", LoRA on attention only", "trainable parameter share"): "target met",
+        (off + ", LoRA on attention only", "peak tensor memory (MiB)"): "target met",  # 0.55
+        (off + ", LoRA on attention only", "peak RSS (MiB)"): "measured",
+        (off + ", LoRA on attention only", "step time (s)"): "measured",
     }
     row = only(rows, on, "peak tensor memory (MiB)")
     assert (row.ours, row.baseline, row.difference, row.n_seeds) == (50.0, 100.0, -50.0, 1)

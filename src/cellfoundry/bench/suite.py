@@ -114,7 +114,7 @@ STEPS: tuple[Step, ...] = (
         "finetune_memory",
         full="",
         quick=None,
-        smoke="--sizes shipped --steps 2 --repeats 1",
+        smoke="--sizes shipped --steps 2 --repeats 1 --checkpointing off",
         takes_model=False,
         takes_work=False,
     ),

@@ -477,73 +477,79 @@ def _memory_setting(size: str, checkpointing: bool, full: dict, settings: dict) 
     return place + f", gradient checkpointing {'on' if checkpointing else 'off'}"
 
 
+# finetune_memory.py's LoRA variants (every other mode is full fine-tuning) -> setting suffix
+MEMORY_LORA_MODES = {"lora": "", "lora_attention": ", LoRA on attention only"}
+
+
+def _memory_key(entry: dict) -> tuple[Any, bool, str]:
+    """(size, checkpointing, mode) of a memory row or ratio; files before the attention-only
+    variant recorded only ``lora`` rows and ratios without a mode."""
+    return entry.get("size"), bool(entry.get("checkpointing")), entry.get("mode", "lora")
+
+
+def _memory_row(
+    context: Context, place: str, metric: str, lora: dict, full: dict, ratio: dict
+) -> SummaryRow:
+    """One efficiency row: a LoRA variant's metric against full fine-tuning, over rounds."""
+    label, target = EFFICIENCY_METRICS[metric]
+    ours, base = _round_values(lora, metric), _round_values(full, metric)
+    if len(ours) != len(base):
+        raise ValueError(f"{len(ours)} LoRA vs {len(base)} full rounds")
+    pairs = Paired()
+    for mine, theirs in zip(ours, base, strict=True):
+        pairs.add(mine, theirs, FULL)
+    notes = [f"target: {target.text}"] if target else []
+    notes.append(f"LoRA/full {_mean(ours) / _mean(base):.3f}")
+    recorded = ratio.get(MEMORY_RATIOS.get(metric, ""))
+    if recorded is not None:
+        notes.append(f"benchmark's ratio of medians {recorded:.3f}")
+    if len(ours) > 1:
+        notes.append(f"{len(ours)} interleaved rounds (repeats, not seeds)")
+    if metric == "peak_rss_mib":
+        notes.append(
+            "whole process on CPU (interpreter, libraries, allocator cache); "
+            "the memory target is judged on peak tensor memory"
+        )
+    if metric == "trainable_share":
+        notes.append(
+            "target macro-F1 within 1 point of full fine-tuning: the annotation settings' "
+            "'macro-F1 against full fine-tuning' rows (default LoRA targets)"
+        )
+    verdict = None
+    if target:
+        verdict = "target met" if target.met(_mean(ours), _mean(base)) else "target missed"
+    return context.row(place, label, False, pairs, notes, verdict)
+
+
 def extract_memory(data: dict[str, Any], source: str) -> list[SummaryRow]:
-    """LoRA's trainable share, memory and step time against full fine-tuning at the same size
-    and gradient-checkpointing setting, with the LoRA targets' verdicts (judged on the means
-    over rounds). The trainable share is given once per size: checkpointing does not move it."""
+    """Each LoRA variant's trainable share, memory and step time against full fine-tuning at
+    the same size and gradient-checkpointing setting, with the LoRA targets' verdicts (judged
+    on the means over rounds). The trainable share is given once per size and variant:
+    checkpointing does not move it."""
     rows: list[SummaryRow] = []
     skipped: list[str] = []
-    entries = _section(data, "rows", list, source)
+    entries = [e for e in _section(data, "rows", list, source) if isinstance(e, dict)]
     settings = data.get("settings") or {}
     command = _command(data.get("environment"), "finetune_memory", settings)
-    ratios = {
-        (r.get("size"), bool(r.get("checkpointing"))): r
-        for r in data.get("ratios") or []
-        if isinstance(r, dict)
-    }
-    groups = dict.fromkeys(
-        (e.get("size"), bool(e.get("checkpointing"))) for e in entries if isinstance(e, dict)
-    )
-    shares_given: set[str] = set()
-    for size, checkpointing in groups:
-        model = MEMORY_MODELS.get(size, f"{size} model")
-        context = Context("efficiency", source, skipped, model, command)
-        with context.part(f"size '{size}', checkpointing {checkpointing}"):
-            lora, full = (
-                next(
-                    e
-                    for e in entries
-                    if isinstance(e, dict)
-                    and (e.get("size"), bool(e.get("checkpointing")), e.get("mode"))
-                    == (size, checkpointing, mode)
-                )
-                for mode in ("lora", "full")
-            )
+    by_key = {_memory_key(e): e for e in entries}
+    ratios = {_memory_key(r): r for r in data.get("ratios") or [] if isinstance(r, dict)}
+    shares_given: set[tuple[Any, str]] = set()
+    for size, checkpointing, mode in (k for k in by_key if k[2] in MEMORY_LORA_MODES):
+        context = Context(
+            "efficiency", source, skipped, MEMORY_MODELS.get(size, f"{size} model"), command
+        )
+        with context.part(f"size '{size}', checkpointing {checkpointing}, {mode}"):
+            lora, full = by_key[(size, checkpointing, mode)], by_key[(size, checkpointing, "full")]
             place = _memory_setting(size, checkpointing, full, settings)
-            for metric, (label, target) in EFFICIENCY_METRICS.items():
+            place += MEMORY_LORA_MODES[mode]
+            for metric in EFFICIENCY_METRICS:
                 if metric == "trainable_share":
-                    if size in shares_given:
+                    if (size, mode) in shares_given:
                         continue
-                    shares_given.add(size)
-                with context.part(f"'{size}' {metric}"):
-                    ours, base = _round_values(lora, metric), _round_values(full, metric)
-                    if len(ours) != len(base):
-                        raise ValueError(f"{len(ours)} LoRA vs {len(base)} full rounds")
-                    pairs = Paired()
-                    for mine, theirs in zip(ours, base, strict=True):
-                        pairs.add(mine, theirs, FULL)
-                    notes = [f"target: {target.text}"] if target else []
-                    notes.append(f"LoRA/full {_mean(ours) / _mean(base):.3f}")
-                    recorded = ratios.get((size, checkpointing), {}).get(MEMORY_RATIOS.get(metric))
-                    if recorded is not None:
-                        notes.append(f"benchmark's ratio of medians {recorded:.3f}")
-                    if len(ours) > 1:
-                        notes.append(f"{len(ours)} interleaved rounds (repeats, not seeds)")
-                    if metric == "peak_rss_mib":
-                        notes.append(
-                            "whole process on CPU (interpreter, libraries, allocator cache); "
-                            "the memory target is judged on peak tensor memory"
-                        )
-                    if metric == "trainable_share":
-                        notes.append(
-                            "target macro-F1 within 1 point of full fine-tuning: the "
-                            "annotation settings' 'macro-F1 against full fine-tuning' rows"
-                        )
-                    verdict = None
-                    if target:
-                        met = target.met(_mean(ours), _mean(base))
-                        verdict = "target met" if met else "target missed"
-                    rows.append(context.row(place, label, False, pairs, notes, verdict))
+                    shares_given.add((size, mode))
+                with context.part(f"'{size}' {mode} {metric}"):
+                    ratio = ratios.get((size, checkpointing, mode), {})
+                    rows.append(_memory_row(context, place, metric, lora, full, ratio))
     return _finish(rows, skipped, source)
 
 
