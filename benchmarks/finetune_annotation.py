@@ -47,12 +47,16 @@ import numpy as np
 import psutil
 
 from cellfoundry._benchmarking import command_line, package_version, write_report
+from cellfoundry.adapters import ATTENTION_LORA_TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "finetune_annotation"
-MODES = ("lora", "full", "linear_probe")
+MODES = ("lora", "lora_attention", "full", "linear_probe")
+# lora: the project's default LoRA targets (every linear layer of the encoder);
+# lora_attention: the attention projections only (cellfoundry.adapters.ATTENTION_LORA_TARGETS),
+# which finetune_memory.py shows to need less memory, at the same rank and learning rate
 BASELINES = ("logistic regression (HVG)", "kNN on PCA")
 
 # name -> file, label and batch columns, split, labels left out, why it is here
@@ -154,12 +158,19 @@ def finetune(spec: dict, setting: dict, mode: str, seed: int, out: Path, split: 
         "overwrite_output_dir=true",
         "progress_bar=false",
         f"task.base_model={args.model}",
-        f"task.tuning={mode}",
+        f"task.tuning={tuning(mode)}",
         "task.balance_classes=true",
     ]
+    if mode == "lora_attention":
+        command.append(f"task.lora_targets=[{','.join(ATTENTION_LORA_TARGETS)}]")
     if mode == "full":  # linear probe, then fine-tune: see finetuning/README.md
         command.append(f"head_only_steps={round(steps * args.full_head_only_share)}")
     return run_finetune_process(command, out, args.threads, f"{mode} seed {seed}")
+
+
+def tuning(mode: str) -> str:
+    """The ``task.tuning`` of a benchmark mode (both LoRA placements are ``lora``)."""
+    return "lora" if mode.startswith("lora") else mode
 
 
 def run_finetune_process(command: list[str], out: Path, threads: int, description: str) -> dict:
@@ -186,7 +197,11 @@ def trainable_share(model: str, task: str = "annotation") -> dict[str, float]:
     if task == "integration":
         names["batches"] = ["a", "b", "c"]
     for mode in MODES:
-        config = TaskConfig.from_dict({"task": task, "base_model": model, "tuning": mode, **names})
+        targets = list(ATTENTION_LORA_TARGETS) if mode == "lora_attention" else None
+        config = TaskConfig.from_dict(
+            {"task": task, "base_model": model, "tuning": tuning(mode), "lora_targets": targets}
+            | names
+        )
         task_model = build_task_model(config)
         total = sum(p.numel() for p in task_model.parameters())
         trained = sum(p.numel() for p in task_model.parameters() if p.requires_grad)
@@ -264,6 +279,17 @@ def _cell(entry: dict | None, spec: str = ".3f") -> str:
     return f"{entry['mean']:{spec}} ± {entry['sd']:{spec}}"
 
 
+def kept_note(block: dict) -> str:
+    """Names the modes whose runs were kept from an earlier run of the same split."""
+    kept = block.get("kept_from_previous_run")
+    if not kept:
+        return ""
+    return (
+        f" Modes {', '.join(kept['modes'])} are from an earlier run on the same splits "
+        f"({kept['environment']['timestamp_utc']}: `{kept['environment']['command']}`)."
+    )
+
+
 def markdown(report: dict) -> str:
     lines = [
         "# Annotation by fine-tuning vs baselines",
@@ -284,7 +310,7 @@ def markdown(report: dict) -> str:
             f"{block['note']} Split (seed {settings['seeds'][0]}): {block['split']}. "
             f"{setting['max_steps']} steps of {settings['batch_size']} cells; seeds "
             f"{settings['seeds']}; base model `{settings['model']}`; "
-            f"{block['environment']['timestamp_utc']}.",
+            f"{block['environment']['timestamp_utc']}.{kept_note(block)}",
             "",
             "| method | macro-F1 | accuracy | trainable | peak RSS MiB | wall s |",
             "|---|---:|---:|---:|---:|---:|",
@@ -316,6 +342,42 @@ def markdown(report: dict) -> str:
             lines.append(f"| {key} | {cells} | {comparison['verdict']} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def kept_runs(previous: dict | None, runs: list[dict], setting: dict, settings: dict) -> list[dict]:
+    """Runs of the modes not run now, kept from the previous result of the same setting.
+
+    Running one new mode (``--modes lora_attention``) then adds it beside the earlier ones
+    instead of replacing them. Runs are kept only when the setting, seeds, base model and batch
+    size are the same, and every seed's baselines score the same in both runs: the baselines
+    are fitted on the split, so equal scores show that the split files, made anew from the
+    seed, are the same cells (checked, not assumed).
+    """
+    if previous is None:
+        return []
+    same = ("seeds", "model", "batch_size", "few_shot_steps", "max_steps")
+    earlier = previous["settings"]
+    if previous.get("setting") != setting or any(earlier.get(k) != settings[k] for k in same):
+        print(f"previous results of {setting['name']} differ in settings: not kept", flush=True)
+        return []
+    rerun = {r["mode"] for r in runs}
+    kept = [r for r in previous["runs"] if r["mode"] not in rerun]
+
+    def scores(run: dict) -> np.ndarray:
+        return np.array(
+            [[v["macro_f1"], v["accuracy"]] for _, v in sorted(run["metrics"]["baselines"].items())]
+        )
+
+    baselines = {r["seed"]: scores(r) for r in kept}
+    for run in runs:
+        earlier_scores = baselines.get(run["seed"])
+        if earlier_scores is not None and not np.allclose(scores(run), earlier_scores, atol=1e-9):
+            raise RuntimeError(
+                f"seed {run['seed']} of {setting['name']}: the baselines score differently than "
+                "in the previous results, so the split changed; rerun every mode (--modes "
+                f"{' '.join(MODES)})."
+            )
+    return kept
 
 
 def benchmark_settings(args: argparse.Namespace) -> list[dict]:
@@ -358,7 +420,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / NAME, help="run folders")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    args.learning_rate = {"lora": args.lr_lora, "full": args.lr_full, "linear_probe": args.lr_probe}
+    args.learning_rate = {
+        "lora": args.lr_lora,
+        "lora_attention": args.lr_lora,
+        "full": args.lr_full,
+        "linear_probe": args.lr_probe,
+    }
     return args
 
 
@@ -389,6 +456,10 @@ def main(argv: list[str] | None = None) -> dict:
                         flush=True,
                     )
             settings = {k: v for k, v in vars(args).items() if k not in ("work", "out")}
+            previous = report["datasets"].get(key)
+            kept = kept_runs(previous, runs, setting, settings)
+            runs = sorted(runs + kept, key=lambda r: (r["seed"], MODES.index(r["mode"])))
+            modes = [m for m in MODES if any(r["mode"] == m for r in runs)]
             report["datasets"][key] = {
                 "file": spec["file"],
                 "label": spec["label"],
@@ -397,10 +468,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "split": runs[0]["metrics"]["split"],
                 "settings": settings,
                 "environment": environment(args),
-                "trainable": {m: shares[m] for m in args.modes},
+                "trainable": {m: shares[m] for m in modes},
                 "runs": runs,
                 "summary": summarise(runs),
             }
+            if kept:
+                report["datasets"][key]["kept_from_previous_run"] = {
+                    "modes": sorted({r["mode"] for r in kept}, key=MODES.index),
+                    "settings": previous["settings"],
+                    "environment": previous["environment"],
+                }
             write_report(output, report, markdown(report))
     print(markdown(report))
     print(f"wrote {output} and {output.with_suffix('.md')}")

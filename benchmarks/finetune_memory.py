@@ -37,9 +37,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 NAME = "finetune_memory"
 MODES = ("lora", "lora_attention", "full")
 # lora: the project's default targets (every linear layer of the encoder); lora_attention:
-# query/key/value/out_proj only, the original LoRA placement, which keeps no input of the
-# feed-forward layers for backward
-ATTENTION_TARGETS = ["query", "key", "value", "out_proj"]
+# query/key/value/out_proj only (cellfoundry.adapters.ATTENTION_LORA_TARGETS), the original
+# LoRA placement, which keeps no input of the feed-forward layers for backward
 SIZES = {
     "shipped": None,  # cellfoundry-tiny-bert as shipped (context 256 tokens)
     "40M": {
@@ -68,6 +67,7 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
+    from cellfoundry.adapters import ATTENTION_LORA_TARGETS
     from cellfoundry.bench.tensor_memory import PeakTensorMemory
     from cellfoundry.data import CellBatchCollator
     from cellfoundry.embedding import _tokenizer_for
@@ -92,7 +92,7 @@ def child(args: argparse.Namespace) -> None:
         base_model=args.model,
         tuning="full" if args.mode == "full" else "lora",
         labels=labels,
-        lora_targets=ATTENTION_TARGETS if args.mode == "lora_attention" else None,
+        lora_targets=list(ATTENTION_LORA_TARGETS) if args.mode == "lora_attention" else None,
     )
     model = build_task_model(config, backbone).train()
     if args.checkpointing:
@@ -235,8 +235,8 @@ def markdown(args: argparse.Namespace, rows: list[dict], ratios: list[dict]) -> 
         f"medians of {args.repeats} interleaved rounds; each setting without and with gradient "
         "checkpointing (every mode alike). Modes: `lora` = LoRA r=8 on every linear layer of "
         "the encoder (the project's default targets, used in every fine-tuning benchmark); "
-        "`lora_attention` = LoRA r=8 on query/key/value/out_proj only (shown for the memory "
-        "it would save; its accuracy is not measured here); `full` = every weight.",
+        "`lora_attention` = LoRA r=8 on query/key/value/out_proj only (its accuracy: mode "
+        "`lora_attention` in `finetune_annotation.md`); `full` = every weight.",
         "",
         "- **Peak tensor memory**: the most bytes of tensors alive at once during the last "
         "step (weights, optimizer state, activations, recomputed activations, gradients, "

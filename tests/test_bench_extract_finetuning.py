@@ -219,6 +219,29 @@ def test_annotation_one_seed():
     assert f1.command == "python benchmarks/finetune_annotation.py --seeds 0"
 
 
+def test_annotation_judges_each_lora_variant_against_full_fine_tuning():
+    baselines = {"A": {"macro_f1": 0.4, "accuracy": 0.5}}
+    block = {
+        "setting": {"name": "holdout", "strategy": "holdout"},
+        "settings": {"model": "m", "seeds": [0]},
+        "runs": [
+            _run(mode, {"macro_f1": f1, "accuracy": 0.5}, baselines, {})
+            for mode, f1 in (("lora", 0.291), ("lora_attention", 0.289), ("full", 0.300))
+        ],
+    }
+    rows = extract_annotation({"datasets": {"x / holdout": block}}, "a.json")
+    against = {r.setting: r for r in rows if r.metric == "macro-F1 against full fine-tuning"}
+    assert set(against) == {
+        "x, held-out batch, LoRA",
+        "x, held-out batch, LoRA on attention only",
+    }
+    # within one point: 0.291 >= 0.300 - 0.01 is met, 0.289 is not
+    assert against["x, held-out batch, LoRA"].verdict == "target met"
+    assert against["x, held-out batch, LoRA on attention only"].verdict == "target missed"
+    assert against["x, held-out batch, LoRA on attention only"].ours == 0.289
+    assert all(r.task == "efficiency" and r.baseline == 0.3 for r in against.values())
+
+
 def test_annotation_skips_a_broken_block_and_rejects_an_unreadable_file():
     good = {"settings": {"model": "m"}, "split": {"strategy": "holdout"}}
     good["runs"] = [_run("full", {"macro_f1": 0.5, "accuracy": 0.6}, {"A": {"macro_f1": 0.4}}, {})]

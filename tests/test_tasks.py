@@ -221,3 +221,19 @@ def test_finetune_annotation_benchmark_runs_on_a_tiny_grid(tmp_path, base_models
     assert block["split"]["strategy"] == "holdout" and block["split"]["test"] > 0
     assert set(block["summary"]["methods"]) == {"linear_probe", *module.BASELINES}
     assert (tmp_path / "finetune_annotation.md").read_text().count("| linear_probe |") == 1
+
+    # a second mode run later joins the first on the same split instead of replacing it
+    argv[argv.index("linear_probe")] = "lora_attention"
+    report = module.main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path)])
+    block = report["datasets"]["starmap / holdout"]
+    assert [r["mode"] for r in block["runs"]] == ["lora_attention", "linear_probe"]
+    assert block["kept_from_previous_run"]["modes"] == ["linear_probe"]
+    shares = block["trainable"]
+    assert shares["linear_probe"]["share"] < shares["lora_attention"]["share"] < 0.05
+    text = (tmp_path / "finetune_annotation.md").read_text()
+    assert "| lora_attention |" in text and "Modes linear_probe are from an earlier run" in text
+
+    # a split that changed since (here: other baseline scores) is refused, not mixed in
+    block["runs"][1]["metrics"]["baselines"]["kNN on PCA"]["macro_f1"] += 0.01
+    with pytest.raises(RuntimeError, match="split changed"):
+        module.kept_runs(block, block["runs"][:1], block["setting"], block["settings"])

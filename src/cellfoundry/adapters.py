@@ -32,6 +32,16 @@ convolution and per-head scalars are tiny and stay frozen.
 """
 
 
+ATTENTION_LORA_TARGETS: tuple[str, ...] = ("query", "key", "value", "out_proj")
+"""CellBert's attention projections only: the placement of the original LoRA paper.
+
+With the feed-forward layers frozen, backward keeps no input of theirs for a weight gradient,
+so a training step holds fewer activations than with ``DEFAULT_LORA_TARGETS``
+(``benchmarks/results/finetune_memory.md``); its accuracy is in
+``benchmarks/results/finetune_annotation.md`` (mode ``lora_attention``).
+"""
+
+
 def find_model_type(model: nn.Module) -> str:
     """The cellfoundry ``model_type`` of ``model`` or of the first sub-module that has one.
 

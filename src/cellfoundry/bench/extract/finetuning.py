@@ -29,6 +29,7 @@ from cellfoundry.bench.rows import SummaryRow, compare_over_seeds, runnable_comm
 # Display names of the benchmarks' method and metric keys.
 METHODS = {
     "lora": "LoRA",
+    "lora_attention": "LoRA on attention only",
     "full": "full fine-tuning",
     "linear_probe": "linear probe",
     "lora_no_adversary": "LoRA without batch adversary",
@@ -305,26 +306,30 @@ def extract_annotation(data: dict[str, Any], source: str) -> list[SummaryRow]:
                         setting_text = f"{place}, {METHODS.get(mode, mode)}"
                         rows.append(context.row(setting_text, label, True, pairs, notes + verdict))
             modes = {run["mode"] for run in block["runs"]}
-            if {"lora", "full"} <= modes:
-                with context.part(f"'{key}' LoRA vs full fine-tuning"):
-                    rows.append(_lora_against_full(context, block["runs"], place, notes))
+            for lora in (m for m in LORA_MODES if {m, "full"} <= modes):
+                with context.part(f"'{key}' {lora} vs full fine-tuning"):
+                    rows.append(_lora_against_full(context, block["runs"], lora, place, notes))
     return _finish(rows, skipped, source)
 
 
+# the annotation benchmark's LoRA variants, each judged against full fine-tuning
+LORA_MODES = ("lora", "lora_attention")
+
+
 def _lora_against_full(
-    context: Context, runs: list[dict], place: str, notes: list[str]
+    context: Context, runs: list[dict], lora: str, place: str, notes: list[str]
 ) -> SummaryRow:
-    """LoRA's macro-F1 against full fine-tuning's on the same split, seed by seed, judged
-    on the means by :data:`F1_TARGET` (an efficiency row: the third LoRA target)."""
+    """A LoRA variant's macro-F1 against full fine-tuning's on the same split, seed by seed,
+    judged on the means by :data:`F1_TARGET` (an efficiency row: the third LoRA target)."""
     by_seed = {(run["mode"], run["seed"]): run["metrics"]["model"]["macro_f1"] for run in runs}
-    seeds = sorted(seed for mode, seed in by_seed if mode == "lora")
+    seeds = sorted(seed for mode, seed in by_seed if mode == lora)
     pairs = Paired()
     for seed in seeds:
-        pairs.add(by_seed[("lora", seed)], by_seed[("full", seed)], FULL)
+        pairs.add(by_seed[(lora, seed)], by_seed[("full", seed)], FULL)
     met = F1_TARGET.met(_mean(pairs.ours), _mean(pairs.baseline))
     efficiency = replace(context, task="efficiency")
     return efficiency.row(
-        f"{place}, LoRA",
+        f"{place}, {METHODS[lora]}",
         "macro-F1 against full fine-tuning",
         True,
         pairs,
@@ -491,6 +496,7 @@ def _memory_row(
     context: Context, place: str, metric: str, lora: dict, full: dict, ratio: dict
 ) -> SummaryRow:
     """One efficiency row: a LoRA variant's metric against full fine-tuning, over rounds."""
+    variant = METHODS[lora.get("mode", "lora")]
     label, target = EFFICIENCY_METRICS[metric]
     ours, base = _round_values(lora, metric), _round_values(full, metric)
     if len(ours) != len(base):
@@ -513,7 +519,7 @@ def _memory_row(
     if metric == "trainable_share":
         notes.append(
             "target macro-F1 within 1 point of full fine-tuning: the annotation settings' "
-            "'macro-F1 against full fine-tuning' rows (default LoRA targets)"
+            f"'macro-F1 against full fine-tuning' rows of {variant}"
         )
     verdict = None
     if target:
