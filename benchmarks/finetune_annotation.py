@@ -47,16 +47,15 @@ import numpy as np
 import psutil
 
 from cellfoundry._benchmarking import command_line, package_version, write_report
-from cellfoundry.adapters import ATTENTION_LORA_TARGETS
+from cellfoundry.bench.lora_variants import LORA_VARIANTS, overrides, task_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "finetune_annotation"
-MODES = ("lora", "lora_attention", "full", "linear_probe")
-# lora: the project's default LoRA targets (every linear layer of the encoder);
-# lora_attention: the attention projections only (cellfoundry.adapters.ATTENTION_LORA_TARGETS),
-# which finetune_memory.py shows to need less memory, at the same rank and learning rate
+# the LoRA variants (cellfoundry.bench.lora_variants: every linear layer, the project's
+# default; attention only; attention only with A frozen, LoRA-FA) share rank and learning rate
+MODES = (*LORA_VARIANTS, "full", "linear_probe")
 BASELINES = ("logistic regression (HVG)", "kNN on PCA")
 
 # name -> file, label and batch columns, split, labels left out, why it is here
@@ -158,19 +157,12 @@ def finetune(spec: dict, setting: dict, mode: str, seed: int, out: Path, split: 
         "overwrite_output_dir=true",
         "progress_bar=false",
         f"task.base_model={args.model}",
-        f"task.tuning={tuning(mode)}",
+        *overrides(mode),
         "task.balance_classes=true",
     ]
-    if mode == "lora_attention":
-        command.append(f"task.lora_targets=[{','.join(ATTENTION_LORA_TARGETS)}]")
     if mode == "full":  # linear probe, then fine-tune: see finetuning/README.md
         command.append(f"head_only_steps={round(steps * args.full_head_only_share)}")
     return run_finetune_process(command, out, args.threads, f"{mode} seed {seed}")
-
-
-def tuning(mode: str) -> str:
-    """The ``task.tuning`` of a benchmark mode (both LoRA placements are ``lora``)."""
-    return "lora" if mode.startswith("lora") else mode
 
 
 def run_finetune_process(command: list[str], out: Path, threads: int, description: str) -> dict:
@@ -197,10 +189,8 @@ def trainable_share(model: str, task: str = "annotation") -> dict[str, float]:
     if task == "integration":
         names["batches"] = ["a", "b", "c"]
     for mode in MODES:
-        targets = list(ATTENTION_LORA_TARGETS) if mode == "lora_attention" else None
         config = TaskConfig.from_dict(
-            {"task": task, "base_model": model, "tuning": tuning(mode), "lora_targets": targets}
-            | names
+            {"task": task, "base_model": model, **task_fields(mode), **names}
         )
         task_model = build_task_model(config)
         total = sum(p.numel() for p in task_model.parameters())
@@ -421,8 +411,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.learning_rate = {
-        "lora": args.lr_lora,
-        "lora_attention": args.lr_lora,
+        **dict.fromkeys(LORA_VARIANTS, args.lr_lora),
         "full": args.lr_full,
         "linear_probe": args.lr_probe,
     }

@@ -4,8 +4,8 @@ The annotation benchmark's peak RSS is the whole process (Python, torch, data, b
 the 3.3M-parameter shipped encoder the trainable weights are a few MiB of it, so LoRA cannot
 show a saving there. This script isolates training: each run is its own process that loads
 the encoder, tokenizes DLPFC spots (long cells, up to ``--length`` tokens), and takes
-``--steps`` AdamW steps of an annotation head (LoRA r=8 on every linear layer of the encoder,
-the project's default targets; LoRA on the attention projections only; or every weight),
+``--steps`` AdamW steps of an annotation head (each LoRA variant of
+``cellfoundry.bench.lora_variants``, or every weight),
 without and with gradient checkpointing.
 
 Reported per size, checkpointing setting and mode: trainable share; peak tensor memory of the
@@ -31,14 +31,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from cellfoundry.bench.lora_variants import LORA_VARIANTS, task_fields
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "spatial_dlpfc_visium_maynard2021.h5ad"
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "finetune_memory"
-MODES = ("lora", "lora_attention", "full")
-# lora: the project's default targets (every linear layer of the encoder); lora_attention:
-# query/key/value/out_proj only (cellfoundry.adapters.ATTENTION_LORA_TARGETS), the original
-# LoRA placement, which keeps no input of the feed-forward layers for backward
+# the LoRA variants of cellfoundry.bench.lora_variants (every linear layer, the project's
+# default; attention only, which keeps no input of the feed-forward layers for backward; and
+# attention only with A frozen, which keeps no input of an adapted layer either)
+MODES = (*LORA_VARIANTS, "full")
 SIZES = {
     "shipped": None,  # cellfoundry-tiny-bert as shipped (context 256 tokens)
     "40M": {
@@ -67,7 +69,6 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from cellfoundry.adapters import ATTENTION_LORA_TARGETS
     from cellfoundry.bench.tensor_memory import PeakTensorMemory
     from cellfoundry.data import CellBatchCollator
     from cellfoundry.embedding import _tokenizer_for
@@ -88,12 +89,7 @@ def child(args: argparse.Namespace) -> None:
     lookup = {label: i for i, label in enumerate(labels)}
     codes = [lookup[str(v)] for v in adata.obs["region"].to_numpy()[dataset["row"]]]
     dataset = dataset.add_column("labels", codes)
-    config = AnnotationConfig(
-        base_model=args.model,
-        tuning="full" if args.mode == "full" else "lora",
-        labels=labels,
-        lora_targets=list(ATTENTION_LORA_TARGETS) if args.mode == "lora_attention" else None,
-    )
+    config = AnnotationConfig(base_model=args.model, labels=labels, **task_fields(args.mode))
     model = build_task_model(config, backbone).train()
     if args.checkpointing:
         model.gradient_checkpointing_enable()
@@ -235,8 +231,10 @@ def markdown(args: argparse.Namespace, rows: list[dict], ratios: list[dict]) -> 
         f"medians of {args.repeats} interleaved rounds; each setting without and with gradient "
         "checkpointing (every mode alike). Modes: `lora` = LoRA r=8 on every linear layer of "
         "the encoder (the project's default targets, used in every fine-tuning benchmark); "
-        "`lora_attention` = LoRA r=8 on query/key/value/out_proj only (its accuracy: mode "
-        "`lora_attention` in `finetune_annotation.md`); `full` = every weight.",
+        "`lora_attention` = LoRA r=8 on query/key/value/out_proj only; `lora_fa_attention` = "
+        "the same with every A frozen at its random initialisation (LoRA-FA: an adapted "
+        "layer's input is needed by no weight gradient); `full` = every weight. The LoRA "
+        "variants' accuracy: the same modes in `finetune_annotation.md`.",
         "",
         "- **Peak tensor memory**: the most bytes of tensors alive at once during the last "
         "step (weights, optimizer state, activations, recomputed activations, gradients, "

@@ -134,6 +134,58 @@ def test_only_the_tuned_parameters_train_and_save_load_is_exact(
     assert torch.equal(before, after)
 
 
+def _saved_bytes(model: torch.nn.Module, batch: dict, labels: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for backward."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch, labels=labels)
+    return sum(saved.values())
+
+
+def test_lora_fa_trains_only_b_keeps_fewer_activations_and_saves_exactly(tmp_path) -> None:
+    targets = ["query", "key", "value", "out_proj"]
+    batch = {
+        "input_ids": torch.randint(8, 500, (4, 64)),
+        "attention_mask": torch.ones(4, 64, dtype=torch.long),
+    }
+    batch["input_ids"][:, 0] = 2
+    labels = torch.tensor([0, 1, 2, 1])
+    models = {}
+    for freeze in (False, True):
+        config = AnnotationConfig(
+            labels=["a", "b", "c"], head_dropout=0, lora_targets=targets, lora_freeze_a=freeze
+        )
+        torch.manual_seed(0)
+        models[freeze] = build_task_model(config).train()
+    model = models[True]
+    names = trainable_names(model)
+    assert names and all(n.startswith("head.") or ".lora_B." in n for n in names)
+    assert any(".lora_B." in n for n in names)
+    # the adapted layers' inputs are no longer kept: 4 layers x (LN output + attention output)
+    assert _saved_bytes(models[True], batch, labels) < _saved_bytes(models[False], batch, labels)
+    before_a = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}
+    model(**batch, labels=labels).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert all(torch.equal(p, before_a[n]) for n, p in model.named_parameters() if n in before_a)
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).logits
+    model.save_pretrained(tmp_path / "task")
+    with torch.no_grad():
+        after = load_task_model(tmp_path / "task")(**batch).logits
+    assert torch.equal(before, after)
+    with pytest.raises(ValueError, match="lora_freeze_a"):
+        AnnotationConfig(labels=["a", "b"], tuning="full", lora_freeze_a=True)
+
+
 def test_lora_trains_at_most_five_percent_of_the_shipped_model() -> None:
     config = AnnotationConfig(base_model="cellfoundry-tiny-bert", labels=["a", "b"])
     model = build_task_model(config)

@@ -70,6 +70,11 @@ class TaskConfig:
         LoRA rank, scale numerator and input dropout (``tuning == "lora"``).
     lora_targets : list of str or None
         Module-name suffixes to adapt; ``None`` uses ``DEFAULT_LORA_TARGETS``.
+    lora_freeze_a : bool
+        LoRA-FA (Zhang et al. 2023): every ``A`` stays at its random initialisation and only
+        ``B`` trains. An adapted layer's input is then needed by no weight gradient (``B``'s
+        needs ``A``'s r-wide output), so backward keeps fewer activations
+        (``benchmarks/results/finetune_memory.md``). Only with ``tuning == "lora"``.
     head_hidden_size : int
         Hidden width of a two-layer head; 0 makes the head one linear layer.
     head_dropout : float
@@ -100,6 +105,7 @@ class TaskConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None
+    lora_freeze_a: bool = False
     head_hidden_size: int = 0
     head_dropout: float = 0.1
     encoder_dropout: float | None = 0.0
@@ -112,6 +118,11 @@ class TaskConfig:
             raise ValueError(f"tuning={self.tuning!r}; use one of {TUNING_MODES}.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r}; use one of {POOLINGS}.")
+        if self.lora_freeze_a and self.tuning != "lora":
+            raise ValueError(
+                f"lora_freeze_a=true freezes LoRA's A matrices, but tuning={self.tuning!r} has "
+                "none; set tuning: lora, or drop lora_freeze_a."
+            )
         if self.lora_r <= 0 or self.head_hidden_size < 0:
             raise ValueError(
                 f"lora_r must be positive and head_hidden_size >= 0; got {self.lora_r} and "
@@ -387,7 +398,7 @@ def prepare_backbone(backbone: nn.Module, config: TaskConfig) -> nn.Module:
     if config.tuning == "lora":
         from cellfoundry.adapters import add_lora
 
-        return add_lora(
+        adapted = add_lora(
             backbone,
             r=config.lora_r,
             alpha=config.lora_alpha,
@@ -395,6 +406,11 @@ def prepare_backbone(backbone: nn.Module, config: TaskConfig) -> nn.Module:
             target_modules=config.lora_targets,
             modules_to_save=[],
         )
+        if config.lora_freeze_a:
+            for name, parameter in adapted.named_parameters():
+                if ".lora_A." in name:
+                    parameter.requires_grad_(False)
+        return adapted
     backbone.requires_grad_(config.tuning == "full")
     return backbone
 

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cellfoundry.bench.extract import Extractor
+from cellfoundry.bench.lora_variants import LORA_VARIANTS
 from cellfoundry.bench.rows import SummaryRow, compare_over_seeds, runnable_command
 
 # Display names of the benchmarks' method and metric keys.
 METHODS = {
     "lora": "LoRA",
     "lora_attention": "LoRA on attention only",
+    "lora_fa_attention": "LoRA-FA on attention only",
     "full": "full fine-tuning",
     "linear_probe": "linear probe",
     "lora_no_adversary": "LoRA without batch adversary",
@@ -312,8 +314,8 @@ def extract_annotation(data: dict[str, Any], source: str) -> list[SummaryRow]:
     return _finish(rows, skipped, source)
 
 
-# the annotation benchmark's LoRA variants, each judged against full fine-tuning
-LORA_MODES = ("lora", "lora_attention")
+# the benchmarks' LoRA variants, each judged against full fine-tuning
+LORA_MODES = tuple(LORA_VARIANTS)
 
 
 def _lora_against_full(
@@ -483,7 +485,7 @@ def _memory_setting(size: str, checkpointing: bool, full: dict, settings: dict) 
 
 
 # finetune_memory.py's LoRA variants (every other mode is full fine-tuning) -> setting suffix
-MEMORY_LORA_MODES = {"lora": "", "lora_attention": ", LoRA on attention only"}
+MEMORY_LORA_MODES = {m: "" if m == "lora" else f", {METHODS[m]}" for m in LORA_MODES}
 
 
 def _memory_key(entry: dict) -> tuple[Any, bool, str]:
