@@ -271,12 +271,12 @@ def _cell(entry: dict | None, spec: str = ".3f") -> str:
 
 def kept_note(block: dict) -> str:
     """Names the modes whose runs were kept from an earlier run of the same split."""
-    kept = block.get("kept_from_previous_run")
-    if not kept:
-        return ""
-    return (
-        f" Modes {', '.join(kept['modes'])} are from an earlier run on the same splits "
-        f"({kept['environment']['timestamp_utc']}: `{kept['environment']['command']}`)."
+    kept = block.get("kept_from_previous_runs") or block.get("kept_from_previous_run")
+    records = [kept] if isinstance(kept, dict) else kept or []
+    return "".join(
+        f" Modes {', '.join(r['modes'])} are from an earlier run on the same splits "
+        f"({r['environment']['timestamp_utc']}: `{r['environment']['command']}`)."
+        for r in records
     )
 
 
@@ -368,6 +368,25 @@ def kept_runs(previous: dict | None, runs: list[dict], setting: dict, settings: 
                 f"{' '.join(MODES)})."
             )
     return kept
+
+
+def provenance(previous: dict, kept_modes: set[str]) -> list[dict]:
+    """Which earlier run made each kept mode: the previous result's own modes, and the modes
+    it had kept in turn, each with its run's settings and environment."""
+    earlier = previous.get("kept_from_previous_runs") or previous.get("kept_from_previous_run")
+    earlier = [earlier] if isinstance(earlier, dict) else list(earlier or [])
+    inherited = {mode for record in earlier for mode in record["modes"]}
+    own = sorted(kept_modes - inherited, key=MODES.index)
+    records = []
+    if own:
+        records.append(
+            {"modes": own, "settings": previous["settings"], "environment": previous["environment"]}
+        )
+    for record in earlier:
+        modes = [mode for mode in record["modes"] if mode in kept_modes]
+        if modes:
+            records.append({**record, "modes": modes})
+    return records
 
 
 def benchmark_settings(args: argparse.Namespace) -> list[dict]:
@@ -462,11 +481,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "summary": summarise(runs),
             }
             if kept:
-                report["datasets"][key]["kept_from_previous_run"] = {
-                    "modes": sorted({r["mode"] for r in kept}, key=MODES.index),
-                    "settings": previous["settings"],
-                    "environment": previous["environment"],
-                }
+                report["datasets"][key]["kept_from_previous_runs"] = provenance(
+                    previous, {r["mode"] for r in kept}
+                )
             write_report(output, report, markdown(report))
     print(markdown(report))
     print(f"wrote {output} and {output.with_suffix('.md')}")

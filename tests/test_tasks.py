@@ -279,7 +279,7 @@ def test_finetune_annotation_benchmark_runs_on_a_tiny_grid(tmp_path, base_models
     report = module.main([*argv, "--work", str(tmp_path / "work"), "--out", str(tmp_path)])
     block = report["datasets"]["starmap / holdout"]
     assert [r["mode"] for r in block["runs"]] == ["lora_attention", "linear_probe"]
-    assert block["kept_from_previous_run"]["modes"] == ["linear_probe"]
+    assert [r["modes"] for r in block["kept_from_previous_runs"]] == [["linear_probe"]]
     shares = block["trainable"]
     assert shares["linear_probe"]["share"] < shares["lora_attention"]["share"] < 0.05
     text = (tmp_path / "finetune_annotation.md").read_text()
