@@ -228,8 +228,21 @@ def test_annotation_judges_each_lora_variant_against_full_fine_tuning():
             _run(mode, {"macro_f1": f1, "accuracy": 0.5}, baselines, {})
             for mode, f1 in (("lora", 0.291), ("lora_attention", 0.289), ("full", 0.300))
         ],
+        # lora_attention was added later beside the earlier run's lora and full
+        "environment": {"command": "finetune_annotation.py --modes lora_attention"},
+        "kept_from_previous_runs": [
+            {
+                "modes": ["lora", "full"],
+                "settings": {"model": "m", "seeds": [0]},
+                "environment": {"command": "finetune_annotation.py --seeds 0"},
+            }
+        ],
     }
     rows = extract_annotation({"datasets": {"x / holdout": block}}, "a.json")
+    commands = {r.setting: r.command for r in rows if r.metric == "macro-F1"}
+    assert commands["x, held-out batch, LoRA on attention only"].endswith("--modes lora_attention")
+    assert commands["x, held-out batch, LoRA"].endswith("--seeds 0")
+    assert commands["x, held-out batch, full fine-tuning"].endswith("--seeds 0")
     against = {r.setting: r for r in rows if r.metric == "macro-F1 against full fine-tuning"}
     assert set(against) == {
         "x, held-out batch, LoRA",

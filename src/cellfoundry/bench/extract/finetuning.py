@@ -287,6 +287,17 @@ def _block_context(task: str, source: str, skipped: list[str], block: dict, scri
     return context
 
 
+def _made_by(context: Context, block: dict, mode: str) -> Context:
+    """``context`` with the command of the run that made ``mode``'s results: a mode added to
+    a block later records the earlier runs it kept (``kept_from_previous_runs``)."""
+    kept = block.get("kept_from_previous_runs") or block.get("kept_from_previous_run") or []
+    for record in [kept] if isinstance(kept, dict) else kept:
+        if mode in record.get("modes", ()):
+            command = _command(record.get("environment"), "finetune_annotation", record["settings"])
+            return replace(context, command=command)
+    return context
+
+
 def extract_annotation(data: dict[str, Any], source: str) -> list[SummaryRow]:
     """Macro-F1 and accuracy of every fine-tuning mode against the better baseline."""
     rows: list[SummaryRow] = []
@@ -301,16 +312,18 @@ def extract_annotation(data: dict[str, Any], source: str) -> list[SummaryRow]:
                 notes.append("the same held-out test cells in every seed")
             comparisons = block.get("summary", {}).get("comparisons", {})
             for mode in dict.fromkeys(run["mode"] for run in block["runs"]):
+                made_by = _made_by(context, block, mode)
                 for metric, label in ANNOTATION_METRICS.items():
                     with context.part(f"'{key}' {mode} {metric}"):
                         pairs = _run_pairs(block["runs"], mode, metric, _run_choice(metric))
                         verdict = _benchmark_verdict(comparisons.get(f"{mode}/{metric}"))
                         setting_text = f"{place}, {METHODS.get(mode, mode)}"
-                        rows.append(context.row(setting_text, label, True, pairs, notes + verdict))
+                        rows.append(made_by.row(setting_text, label, True, pairs, notes + verdict))
             modes = {run["mode"] for run in block["runs"]}
             for lora in (m for m in LORA_MODES if {m, "full"} <= modes):
                 with context.part(f"'{key}' {lora} vs full fine-tuning"):
-                    rows.append(_lora_against_full(context, block["runs"], lora, place, notes))
+                    made_by = _made_by(context, block, lora)
+                    rows.append(_lora_against_full(made_by, block["runs"], lora, place, notes))
     return _finish(rows, skipped, source)
 
 
