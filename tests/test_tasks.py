@@ -289,3 +289,15 @@ def test_finetune_annotation_benchmark_runs_on_a_tiny_grid(tmp_path, base_models
     block["runs"][1]["metrics"]["baselines"]["kNN on PCA"]["macro_f1"] += 0.01
     with pytest.raises(RuntimeError, match="split changed"):
         module.kept_runs(block, block["runs"][:1], block["setting"], block["settings"])
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "finetuning" / "configs").glob("*/*.yaml")), ids=lambda p: p.stem
+)
+def test_every_shipped_finetuning_config_loads(path) -> None:
+    from cellfoundry.tasks.entry import load_finetuning_config
+
+    config, args = load_finetuning_config(path, path.parent.name)
+    assert config.task == path.parent.name and args.output_dir and args.data
+    if path.stem == "starmap-lora-attention":
+        assert config.lora_targets == ["query", "key", "value", "out_proj"]
