@@ -52,9 +52,10 @@ def test_every_row_is_complete():
 # -- committed results ---------------------------------------------------------------------
 def test_annotation_committed():
     rows = committed("finetune_annotation")
-    # starmap / merfish / dlpfc held out; few-shot 10 / 50 on each; 3 modes x 2 metrics each,
-    # and one LoRA-against-full macro-F1 row (an efficiency target) per setting
-    assert len(rows) == 9 * 3 * 2 + 9
+    # starmap / merfish / dlpfc held out; few-shot 10 / 50 on each; 5 modes (3 LoRA variants,
+    # full, probe) x 2 metrics each, and one LoRA-against-full macro-F1 row (an efficiency
+    # target) per LoRA variant and setting
+    assert len(rows) == 9 * 5 * 2 + 9 * 3
     row = only(rows, "dlpfc, held-out batch, LoRA", "macro-F1")
     assert row.ours == pytest.approx(
         mean([0.38374391295496857, 0.3722460493981282, 0.38308204340752827])
@@ -73,6 +74,21 @@ def test_annotation_committed():
         rows, "merfish, few-shot, 50 cells per type, LoRA", "macro-F1 against full fine-tuning"
     )
     assert row.verdict == "target missed"  # LoRA 0.196 vs full 0.249
+    place = "merfish, few-shot, 50 cells per type, LoRA on attention only"
+    row = only(rows, place, "macro-F1 against full fine-tuning")
+    assert row.ours == pytest.approx(
+        mean([0.2026061483616959, 0.352023755697072, 0.35120584862051657])
+    )
+    assert row.baseline == pytest.approx(
+        mean([0.28320563163086715, 0.21158270841595025, 0.2526026291748518])
+    )
+    assert row.verdict == "target met"  # 0.302 vs 0.249
+    against = [r for r in rows if r.metric == "macro-F1 against full fine-tuning"]
+    met = {
+        variant: sum(r.verdict == "target met" for r in against if r.setting.endswith(variant))
+        for variant in (", LoRA", ", LoRA on attention only", ", LoRA-FA on attention only")
+    }
+    assert met == {", LoRA": 8, ", LoRA on attention only": 9, ", LoRA-FA on attention only": 4}
     row = only(rows, "starmap, held-out batch, LoRA", "macro-F1")
     assert row.task == "annotation" and row.model == "cellfoundry-tiny-bert"
     assert row.ours == pytest.approx(
@@ -80,18 +96,22 @@ def test_annotation_committed():
     )
     assert row.best_baseline == "logistic regression (HVG)"
     assert row.baseline == pytest.approx(
-        mean([0.6497799276942703, 0.648768545275816, 0.6718221982212413])
+        mean([0.6503792915898613, 0.6434779386333976, 0.6689876949534013])
     )
     # pairs are each run's own: the mean of the recorded per-seed differences
     assert row.difference == pytest.approx(
-        mean([-0.2523547723524045, -0.286205643719273, -0.29177377510012675])
+        mean([-0.2529541362479955, -0.28091503707685467, -0.2889392718322867])
     )
     assert row.n_seeds == 3 and row.ci95[1] < 0 and row.verdict == "worse"
     assert row.per_seed == ["worse", "worse", "worse"]
     assert "baseline better in every seed" in row.note
+    # every mode of this block ran in one run, before LoRA-FA was added beside them
     assert row.command == (
-        "python benchmarks/finetune_annotation.py --datasets starmap dlpfc merfish --few-shot"
+        "python benchmarks/finetune_annotation.py --datasets starmap merfish --few-shot "
+        "--out runs/annot_att_a --work runs/annot_att_a/work"
     )
+    row = only(rows, "starmap, held-out batch, LoRA-FA on attention only", "macro-F1")
+    assert "--few-shot --modes lora_fa_attention" in row.command
     # on MERFISH accuracy the benchmark's better baseline is kNN, not logistic regression
     row = only(rows, "merfish, held-out batch, full fine-tuning", "accuracy")
     assert row.best_baseline == "kNN on PCA"
@@ -99,13 +119,13 @@ def test_annotation_committed():
         mean([0.9141245298788132, 0.9128708733806937, 0.9145424153781864])
     )
     assert row.ours == pytest.approx(
-        mean([0.6564981195152528, 0.686167989970748, 0.4926870037609695])
+        mean([0.6585875470121186, 0.6863769327204347, 0.49331383201002926])
     )
     row = only(rows, "starmap, few-shot, 10 cells per type, linear probe", "macro-F1")
     assert row.ours == pytest.approx(
         mean([0.2583538796954896, 0.26254554553634274, 0.2568162287061002])
     )
-    assert row.command.endswith("--datasets starmap --no-holdout --few-shot 10")
+    assert "--datasets starmap --no-holdout --few-shot 10 50 " in row.command
 
 
 def test_integration_committed():
@@ -161,9 +181,10 @@ def test_zero_shot_committed():
 
 def test_memory_committed():
     rows = committed("finetune_memory")
-    # shipped and 40M, checkpointing off and on, two LoRA variants: peak tensor memory, peak
+    big = "40M size (35.2M parameters), 8 cells x 256 tokens, gradient checkpointing "
+    # shipped and 40M, checkpointing off and on, three LoRA variants: peak tensor memory, peak
     # RSS, step time; the trainable share once per size and variant
-    assert len(rows) == 2 * 2 * 2 * 3 + 2 * 2
+    assert len(rows) == 2 * 2 * 3 * 3 + 2 * 3
     assert {r.best_baseline for r in rows} == {"full fine-tuning"}
     assert not any(r.higher_is_better for r in rows)
     shipped = "shipped size (3.3M parameters), 8 cells x 256 tokens, gradient checkpointing off"
@@ -172,11 +193,21 @@ def test_memory_committed():
     assert row.ours == pytest.approx(0.022163434653786725) and row.baseline == 1.0
     assert row.verdict == "target met"
     row = only(rows, shipped, "peak RSS (MiB)")
-    assert row.ours == pytest.approx(mean([838.296875, 831.859375, 835.3125]))
-    assert row.baseline == pytest.approx(mean([828.6640625, 845.359375, 823.0546875]))
+    assert row.ours == pytest.approx(mean([843.109375, 832.390625, 839.0]))
+    assert row.baseline == pytest.approx(mean([815.6171875, 827.2421875, 835.8515625]))
     # within a few MiB of full fine-tuning; RSS has no target
     assert row.verdict == "no difference"
-    big = "40M size (35.2M parameters), 8 cells x 256 tokens, gradient checkpointing "
+    memory = "peak tensor memory (MiB)"
+    met = {r.setting for r in rows if r.metric == memory and r.verdict == "target met"}
+    assert {s for s in met if s.endswith("attention only")} == {
+        shipped.replace("off", "on") + ", LoRA on attention only",
+        big + "off, LoRA on attention only",
+        big + "on, LoRA on attention only",
+        *(f"{place}, LoRA-FA on attention only" for place in (shipped, big + "off", big + "on")),
+        shipped.replace("off", "on") + ", LoRA-FA on attention only",
+    }
+    row = only(rows, shipped + ", LoRA on attention only", memory)
+    assert row.verdict == "target missed"  # 0.61 of full
     row = only(rows, big + "off", "peak tensor memory (MiB)")
     assert row.ours == pytest.approx(689.931999206543)
     assert row.baseline == pytest.approx(944.8929595947266)
