@@ -271,12 +271,10 @@ def _cell(entry: dict | None, spec: str = ".3f") -> str:
 
 def kept_note(block: dict) -> str:
     """Names the modes whose runs were kept from an earlier run of the same split."""
-    kept = block.get("kept_from_previous_runs") or block.get("kept_from_previous_run")
-    records = [kept] if isinstance(kept, dict) else kept or []
     return "".join(
         f" Modes {', '.join(r['modes'])} are from an earlier run on the same splits "
         f"({r['environment']['timestamp_utc']}: `{r['environment']['command']}`)."
-        for r in records
+        for r in block.get("kept_from_previous_runs", [])
     )
 
 
@@ -373,8 +371,7 @@ def kept_runs(previous: dict | None, runs: list[dict], setting: dict, settings: 
 def provenance(previous: dict, kept_modes: set[str]) -> list[dict]:
     """Which earlier run made each kept mode: the previous result's own modes, and the modes
     it had kept in turn, each with its run's settings and environment."""
-    earlier = previous.get("kept_from_previous_runs") or previous.get("kept_from_previous_run")
-    earlier = [earlier] if isinstance(earlier, dict) else list(earlier or [])
+    earlier = previous.get("kept_from_previous_runs", [])
     inherited = {mode for record in earlier for mode in record["modes"]}
     own = sorted(kept_modes - inherited, key=MODES.index)
     records = []

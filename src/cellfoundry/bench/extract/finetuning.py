@@ -36,6 +36,8 @@ METHODS = {
     "linear_probe": "linear probe",
     "lora_no_adversary": "LoRA without batch adversary",
 }
+# the benchmarks' LoRA variants, each judged against full fine-tuning
+LORA_MODES = tuple(LORA_VARIANTS)
 ANNOTATION_METRICS = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
 INTEGRATION_METRICS = {
     "total": "scIB total",
@@ -290,8 +292,7 @@ def _block_context(task: str, source: str, skipped: list[str], block: dict, scri
 def _made_by(context: Context, block: dict, mode: str) -> Context:
     """``context`` with the command of the run that made ``mode``'s results: a mode added to
     a block later records the earlier runs it kept (``kept_from_previous_runs``)."""
-    kept = block.get("kept_from_previous_runs") or block.get("kept_from_previous_run") or []
-    for record in [kept] if isinstance(kept, dict) else kept:
+    for record in block.get("kept_from_previous_runs", []):
         if mode in record.get("modes", ()):
             command = _command(record.get("environment"), "finetune_annotation", record["settings"])
             return replace(context, command=command)
@@ -325,10 +326,6 @@ def extract_annotation(data: dict[str, Any], source: str) -> list[SummaryRow]:
                     made_by = _made_by(context, block, lora)
                     rows.append(_lora_against_full(made_by, block["runs"], lora, place, notes))
     return _finish(rows, skipped, source)
-
-
-# the benchmarks' LoRA variants, each judged against full fine-tuning
-LORA_MODES = tuple(LORA_VARIANTS)
 
 
 def _lora_against_full(
