@@ -70,6 +70,7 @@ def add_lora(
     dropout: float = 0.0,
     target_modules: Sequence[str] | None = None,
     modules_to_save: Sequence[str] | None = None,
+    freeze_a: bool = False,
 ) -> PeftModel:
     """Freeze ``model`` and add trainable LoRA adapters (and a trainable head).
 
@@ -90,6 +91,9 @@ def add_lora(
         Modules trained in full and saved with the adapter. ``None`` means ``["head"]`` when
         ``model`` has a ``head`` attribute (every cellfoundry task model and masked-gene
         model does), else nothing.
+    freeze_a : bool
+        LoRA-FA (Zhang et al. 2023): keep every ``A`` at its random initialisation and train
+        only ``B``, so backward keeps no adapted layer's input for a weight gradient.
 
     Returns
     -------
@@ -110,6 +114,10 @@ def add_lora(
         modules_to_save=list(modules_to_save) or None,
     )
     peft_model = get_peft_model(model, config)
+    if freeze_a:
+        for name, parameter in peft_model.named_parameters():
+            if ".lora_A." in name:
+                parameter.requires_grad_(False)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info(

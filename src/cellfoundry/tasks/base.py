@@ -398,19 +398,15 @@ def prepare_backbone(backbone: nn.Module, config: TaskConfig) -> nn.Module:
     if config.tuning == "lora":
         from cellfoundry.adapters import add_lora
 
-        adapted = add_lora(
+        return add_lora(
             backbone,
             r=config.lora_r,
             alpha=config.lora_alpha,
             dropout=config.lora_dropout,
             target_modules=config.lora_targets,
             modules_to_save=[],
+            freeze_a=config.lora_freeze_a,
         )
-        if config.lora_freeze_a:
-            for name, parameter in adapted.named_parameters():
-                if ".lora_A." in name:
-                    parameter.requires_grad_(False)
-        return adapted
     backbone.requires_grad_(config.tuning == "full")
     return backbone
 
