@@ -79,3 +79,18 @@ def base_models(tmp_path_factory, human_tokenizer):
     """Tiny random-init bert and mamba masked-gene models for cf-human-v1 (task tests)."""
     folder = tmp_path_factory.mktemp("base")
     return {name: save_tiny_model(folder, name, human_tokenizer) for name in ("bert", "mamba")}
+
+
+def assert_reloads_exactly(model, batch: dict, folder: Path, output: str = "logits") -> None:
+    """A task model saved to ``folder`` and loaded back gives bit-identical ``output``."""
+    import torch
+
+    from cellfoundry.tasks import load_task_model
+
+    model.eval()
+    with torch.no_grad():
+        before = getattr(model(**batch), output)
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        after = getattr(load_task_model(folder)(**batch), output)
+    assert torch.equal(before, after)

@@ -9,7 +9,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from conftest import shared_file
+from conftest import assert_reloads_exactly, shared_file
 
 from cellfoundry.evaluation import integration_scores, paired_half_sample_differences
 from cellfoundry.tasks import (
@@ -113,13 +113,7 @@ def test_integration_head_trains_the_tuned_parameters_and_save_load_is_exact(
     assert any(n.startswith("head.projection") for n in trained)
     assert any(not n.startswith("head.") for n in trained) == (tuning != "linear_probe")
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
-    model.eval()
-    with torch.no_grad():
-        before = model(**batch).embeddings
-    model.save_pretrained(tmp_path / "task")
-    with torch.no_grad():
-        after = load_task_model(tmp_path / "task")(**batch).embeddings
-    assert torch.equal(before, after)
+    assert_reloads_exactly(model, batch, tmp_path / "task", output="embeddings")
 
 
 def test_confusion_moves_the_embedding_but_never_the_discriminator(base_models) -> None:

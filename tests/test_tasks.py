@@ -11,7 +11,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, shared_file
+from conftest import REPO, assert_reloads_exactly, shared_file
 
 from cellfoundry.tasks import (
     AnnotationConfig,
@@ -124,14 +124,7 @@ def test_only_the_tuned_parameters_train_and_save_load_is_exact(
         grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
-    model.eval()
-    with torch.no_grad():
-        before = model(**batch).logits
-    model.save_pretrained(tmp_path / "task")
-    again = load_task_model(tmp_path / "task")
-    with torch.no_grad():
-        after = again(**batch).logits
-    assert torch.equal(before, after)
+    assert_reloads_exactly(model, batch, tmp_path / "task")
 
 
 def _saved_bytes(model: torch.nn.Module, batch: dict, labels: torch.Tensor) -> int:
@@ -175,13 +168,7 @@ def test_lora_fa_trains_only_b_keeps_fewer_activations_and_saves_exactly(tmp_pat
     model(**batch, labels=labels).loss.backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     assert all(torch.equal(p, before_a[n]) for n, p in model.named_parameters() if n in before_a)
-    model.eval()
-    with torch.no_grad():
-        before = model(**batch).logits
-    model.save_pretrained(tmp_path / "task")
-    with torch.no_grad():
-        after = load_task_model(tmp_path / "task")(**batch).logits
-    assert torch.equal(before, after)
+    assert_reloads_exactly(model, batch, tmp_path / "task")
     with pytest.raises(ValueError, match="lora_freeze_a"):
         AnnotationConfig(labels=["a", "b"], tuning="full", lora_freeze_a=True)
 
