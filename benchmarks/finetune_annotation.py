@@ -54,7 +54,8 @@ DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "finetune_annotation"
 # the LoRA variants (cellfoundry.bench.lora_variants: every linear layer, the project's
-# default; attention only; attention only with A frozen, LoRA-FA) share rank and learning rate
+# default; attention only; attention only with A frozen, LoRA-FA) share rank 8; LoRA-FA has its
+# own learning rate (--lr-lora-fa, picked on validation cells: finetuning/README.md)
 MODES = (*LORA_VARIANTS, "full", "linear_probe")
 BASELINES = ("logistic regression (HVG)", "kNN on PCA")
 
@@ -278,6 +279,18 @@ def kept_note(block: dict) -> str:
     )
 
 
+def learning_rates(block: dict) -> str:
+    """Each mode's learning rate (adapters or encoder weights), from the run that made it."""
+    rates = dict(block["settings"].get("learning_rate", {}))
+    for record in block.get("kept_from_previous_runs", []):
+        earlier = record["settings"].get("learning_rate", {})
+        rates.update({mode: earlier[mode] for mode in record["modes"] if mode in earlier})
+    modes = [
+        mode for mode in block["summary"]["methods"] if mode in rates and mode != "linear_probe"
+    ]
+    return "; ".join(f"{mode} {rates[mode]:g}" for mode in modes)
+
+
 def markdown(report: dict) -> str:
     lines = [
         "# Annotation by fine-tuning vs baselines",
@@ -298,7 +311,8 @@ def markdown(report: dict) -> str:
             f"{block['note']} Split (seed {settings['seeds'][0]}): {block['split']}. "
             f"{setting['max_steps']} steps of {settings['batch_size']} cells; seeds "
             f"{settings['seeds']}; base model `{settings['model']}`; "
-            f"{block['environment']['timestamp_utc']}.{kept_note(block)}",
+            f"{block['environment']['timestamp_utc']}. Learning rates (adapters or encoder; the "
+            f"head {settings['head_lr']:g}): {learning_rates(block)}.{kept_note(block)}",
             "",
             "| method | macro-F1 | accuracy | trainable | peak RSS MiB | wall s |",
             "|---|---:|---:|---:|---:|---:|",
@@ -413,6 +427,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-holdout", action="store_true", help="few-shot settings only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr-lora", type=float, default=2e-4, help="adapters")
+    parser.add_argument(
+        "--lr-lora-fa",
+        type=float,
+        default=5e-6,
+        help="LoRA-FA adapters (only B trains): of 2e-3 to 2e-6, the best on the validation "
+        "cells of held-out STARmap and MERFISH, seed 0 (finetuning/README.md)",
+    )
     parser.add_argument("--lr-full", type=float, default=1e-5, help="encoder weights")
     parser.add_argument(
         "--full-head-only-share",
@@ -428,6 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.learning_rate = {
         **dict.fromkeys(LORA_VARIANTS, args.lr_lora),
+        "lora_fa_attention": args.lr_lora_fa,
         "full": args.lr_full,
         "linear_probe": args.lr_probe,
     }

@@ -88,7 +88,8 @@ def test_annotation_committed():
         variant: sum(r.verdict == "target met" for r in against if r.setting.endswith(variant))
         for variant in (", LoRA", ", LoRA on attention only", ", LoRA-FA on attention only")
     }
-    assert met == {", LoRA": 8, ", LoRA on attention only": 9, ", LoRA-FA on attention only": 4}
+    # LoRA-FA at its validation-picked rate (5e-6); at the LoRA rate it met 4 of 9
+    assert met == {", LoRA": 8, ", LoRA on attention only": 9, ", LoRA-FA on attention only": 9}
     row = only(rows, "starmap, held-out batch, LoRA", "macro-F1")
     assert row.task == "annotation" and row.model == "cellfoundry-tiny-bert"
     assert row.ours == pytest.approx(
@@ -105,13 +106,16 @@ def test_annotation_committed():
     assert row.n_seeds == 3 and row.ci95[1] < 0 and row.verdict == "worse"
     assert row.per_seed == ["worse", "worse", "worse"]
     assert "baseline better in every seed" in row.note
-    # every mode of this block ran in one run, before LoRA-FA was added beside them
+    # every other mode of this block ran in one run, before LoRA-FA was rerun beside them
     assert row.command == (
         "python benchmarks/finetune_annotation.py --datasets starmap merfish --few-shot "
         "--out runs/annot_att_a --work runs/annot_att_a/work"
     )
     row = only(rows, "starmap, held-out batch, LoRA-FA on attention only", "macro-F1")
-    assert "--few-shot --modes lora_fa_attention" in row.command
+    assert "--datasets starmap merfish --modes lora_fa_attention" in row.command
+    assert row.ours == pytest.approx(
+        mean([0.416851708499591, 0.37817462252837136, 0.4092727514282759])
+    )
     # on MERFISH accuracy the benchmark's better baseline is kNN, not logistic regression
     row = only(rows, "merfish, held-out batch, full fine-tuning", "accuracy")
     assert row.best_baseline == "kNN on PCA"

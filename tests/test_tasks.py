@@ -271,6 +271,18 @@ def test_finetune_annotation_benchmark_runs_on_a_tiny_grid(tmp_path, base_models
     assert shares["linear_probe"]["share"] < shares["lora_attention"]["share"] < 0.05
     text = (tmp_path / "finetune_annotation.md").read_text()
     assert "| lora_attention |" in text and "Modes linear_probe are from an earlier run" in text
+    assert "Learning rates (adapters or encoder; the head 0.005): lora_attention 0.0002." in text
+
+    # a kept mode's learning rate is its own run's, not the later run's
+    methods = dict.fromkeys(["lora", "full", "linear_probe", "kNN on PCA"], {})
+    mixed = {
+        "settings": {"learning_rate": {"lora": 2e-4, "full": 1e-5, "linear_probe": 5e-3}},
+        "kept_from_previous_runs": [
+            {"modes": ["lora"], "settings": {"learning_rate": {"lora": 1e-4}}}
+        ],
+        "summary": {"methods": methods},
+    }
+    assert module.learning_rates(mixed) == "lora 0.0001; full 1e-05"
 
     # a split that changed since (here: other baseline scores) is refused, not mixed in
     block["runs"][1]["metrics"]["baselines"]["kNN on PCA"]["macro_f1"] += 0.01
@@ -286,5 +298,7 @@ def test_every_shipped_finetuning_config_loads(path) -> None:
 
     config, args = load_finetuning_config(path, path.parent.name)
     assert config.task == path.parent.name and args.output_dir and args.data
-    if path.stem == "starmap-lora-attention":
+    if path.stem.startswith("starmap-lora-") and path.stem.endswith("attention"):
         assert config.lora_targets == ["query", "key", "value", "out_proj"]
+    if path.stem == "starmap-lora-fa-attention":
+        assert config.lora_freeze_a and args.learning_rate == 5e-6
