@@ -47,6 +47,7 @@ import numpy as np
 import psutil
 
 from cellfoundry._benchmarking import command_line, package_version, write_report
+from cellfoundry.bench.extract.finetuning import run_that_made
 from cellfoundry.bench.lora_variants import LORA_VARIANTS, overrides, task_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,14 +282,12 @@ def kept_note(block: dict) -> str:
 
 def learning_rates(block: dict) -> str:
     """Each mode's learning rate (adapters or encoder weights), from the run that made it."""
-    rates = dict(block["settings"].get("learning_rate", {}))
-    for record in block.get("kept_from_previous_runs", []):
-        earlier = record["settings"].get("learning_rate", {})
-        rates.update({mode: earlier[mode] for mode in record["modes"] if mode in earlier})
-    modes = [
-        mode for mode in block["summary"]["methods"] if mode in rates and mode != "linear_probe"
-    ]
-    return "; ".join(f"{mode} {rates[mode]:g}" for mode in modes)
+    rates = {
+        mode: run_that_made(block, mode)["settings"].get("learning_rate", {}).get(mode)
+        for mode in block["summary"]["methods"]
+        if mode != "linear_probe"  # nothing but the head trains
+    }
+    return "; ".join(f"{mode} {rate:g}" for mode, rate in rates.items() if rate is not None)
 
 
 def markdown(report: dict) -> str:

@@ -289,14 +289,23 @@ def _block_context(task: str, source: str, skipped: list[str], block: dict, scri
     return context
 
 
-def _made_by(context: Context, block: dict, mode: str) -> Context:
-    """``context`` with the command of the run that made ``mode``'s results: a mode added to
-    a block later records the earlier runs it kept (``kept_from_previous_runs``)."""
+def run_that_made(block: dict, mode: str) -> dict:
+    """The run (its ``settings`` and ``environment``) that made ``mode``'s results in an
+    annotation block: an earlier run the block kept (``kept_from_previous_runs``), else the
+    block's own."""
     for record in block.get("kept_from_previous_runs", []):
         if mode in record.get("modes", ()):
-            command = _command(record.get("environment"), "finetune_annotation", record["settings"])
-            return replace(context, command=command)
-    return context
+            return record
+    return block
+
+
+def _made_by(context: Context, block: dict, mode: str) -> Context:
+    """``context`` with the command of the run that made ``mode``'s results."""
+    record = run_that_made(block, mode)
+    if record is block:
+        return context
+    command = _command(record.get("environment"), "finetune_annotation", record["settings"])
+    return replace(context, command=command)
 
 
 def extract_annotation(data: dict[str, Any], source: str) -> list[SummaryRow]:
